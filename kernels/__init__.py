@@ -1,0 +1,16 @@
+"""genomamba_kernels: fused selective scan and causal conv1d in Triton, with PyTorch references.
+
+Installed from the repository folder `kernels/` under the import name `genomamba_kernels` (a
+top-level `kernels` module belongs to another package). It imports nothing from `genomamba`.
+"""
+
+from .reference import causal_conv1d_ref, selective_scan_chunked, selective_scan_ref
+from .selective_scan import selective_scan, seq_idx_from_cu_seqlens
+
+__all__ = [
+    "selective_scan",
+    "selective_scan_ref",
+    "selective_scan_chunked",
+    "seq_idx_from_cu_seqlens",
+    "causal_conv1d_ref",
+]

@@ -1,0 +1,170 @@
+"""Pure-PyTorch selective scan and causal conv1d: the specification and the CPU fast path.
+
+`selective_scan_ref` walks the sequence one step at a time (float64-capable); it *is* the
+definition the Triton kernels are tested against. `selective_scan_chunked` computes the same
+function with a log-depth (Hillis-Steele) scan over chunks of the sequence: vectorised, fully
+differentiable through autograd, and fast enough for CPU inference and CI.
+
+Shapes (the `mamba_ssm.selective_scan_fn` contract):
+    u, delta, z: (batch, dim, L)      A: (dim, N)       D, delta_bias: (dim,)
+    B, C: (batch, N, L) or (batch, groups, N, L)        seq_idx: (batch, L) int
+    initial_state / last state: (batch, dim, N), float32
+Semantics: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t;  y_t = C_t . h_t + D u_t;
+out = y * silu(z). With reverse=True the scan runs right to left (h_t depends on h_{t+1}).
+With seq_idx, the state is reset to zero wherever seq_idx changes between neighbours.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _expand_groups(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """(batch, N, L) or (batch, G, N, L) -> (batch, dim, N, L), channel d using group d // (dim/G)."""
+    if X.dim() == 3:
+        return X.unsqueeze(1).expand(-1, dim, -1, -1)
+    groups = X.shape[1]
+    if dim % groups:
+        raise ValueError(f"dim={dim} is not divisible by the number of B/C groups {groups}")
+    return X.repeat_interleave(dim // groups, dim=1)
+
+
+def _reset_mask(seq_idx: torch.Tensor | None, reverse: bool) -> torch.Tensor | None:
+    """Boolean (batch, L): True where the state must restart before adding this step's input."""
+    if seq_idx is None:
+        return None
+    change = seq_idx[:, 1:] != seq_idx[:, :-1]  # (batch, L-1): boundary between t and t+1
+    pad = torch.zeros_like(seq_idx[:, :1], dtype=torch.bool)
+    # Forward: step t restarts when it differs from t-1; reverse: when it differs from t+1.
+    return torch.cat([pad, change], dim=1) if not reverse else torch.cat([change, pad], dim=1)
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype):
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    dim = u.shape[1]
+    return u.to(dtype), delta, A.to(dtype), _expand_groups(B, dim).to(dtype), _expand_groups(C, dim).to(dtype)
+
+
+def _finish(y, u, D, z, out_dtype, dtype):
+    if D is not None:
+        y = y + u * D.to(dtype)[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, initial_state=None, reverse=False, seq_idx=None,
+                       dtype=torch.float64):
+    """Sequential reference: one step at a time, in `dtype` (float64 by default)."""
+    out_dtype = u.dtype
+    u, delta, A, B, C = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype)
+    batch, dim, L = u.shape
+    reset = _reset_mask(seq_idx, reverse)
+    h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(dtype)
+    ys = [None] * L
+    steps = range(L - 1, -1, -1) if reverse else range(L)
+    for t in steps:
+        dA = torch.exp(delta[:, :, t, None] * A)                      # (batch, dim, N)
+        if reset is not None:
+            dA = dA * (~reset[:, t]).to(dtype)[:, None, None]
+        h = dA * h + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, :, :, t]
+        ys[t] = (h * C[:, :, :, t]).sum(-1)                           # (batch, dim)
+    y = torch.stack(ys, dim=-1)
+    out = _finish(y, u, D, z, out_dtype, dtype)
+    return (out, h.float()) if return_last_state else out
+
+
+def _shift(x: torch.Tensor, k: int, fill: float, reverse: bool) -> torch.Tensor:
+    """x shifted by k along the last axis towards later (or, reversed, earlier) positions."""
+    pad = x.new_full(x.shape[:-1] + (k,), fill)
+    if reverse:
+        return torch.cat([x[..., k:], pad], dim=-1)
+    return torch.cat([pad, x[..., :-k]], dim=-1)
+
+
+def _linear_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool):
+    """Inclusive scan of h_t = a_t h_{t-1} + b_t along the last axis (h_{-1} = 0), log depth.
+
+    Returns (prod, h): prod_t = a_t * ... * a_0 (the decay applied to a carried-in state).
+    Out-of-place throughout so that autograd differentiates it.
+    """
+    L = a.shape[-1]
+    k = 1
+    while k < L:
+        b = b + a * _shift(b, k, 0.0, reverse)
+        a = a * _shift(a, k, 1.0, reverse)
+        k *= 2
+    return a, b
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, initial_state=None, reverse=False, seq_idx=None,
+                           chunk_size=256, dtype=torch.float32):
+    """Vectorised selective scan: log-depth scans inside chunks, a carried state between chunks.
+
+    Memory is O(batch * dim * N * chunk_size); never a (batch, dim, N, L) tensor.
+    """
+    out_dtype = u.dtype
+    u, delta, A, B, C = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype)
+    batch, dim, L = u.shape
+    reset = _reset_mask(seq_idx, reverse)
+    h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(dtype)
+    starts = list(range(0, L, chunk_size))
+    if reverse:
+        starts = starts[::-1]
+    ys = {}
+    for s in starts:
+        e = min(s + chunk_size, L)
+        dt = delta[:, :, s:e]
+        dA = torch.exp(dt[:, :, None, :] * A[None, :, :, None])          # (batch, dim, N, T)
+        if reset is not None:
+            dA = dA * (~reset[:, None, None, s:e]).to(dtype)
+        beta = (dt * u[:, :, s:e])[:, :, None, :] * B[..., s:e]        # (batch, dim, N, T)
+        prod, hl = _linear_scan(dA, beta, reverse)
+        hs = hl + prod * h[..., None]
+        ys[s] = (hs * C[..., s:e]).sum(2)
+        h = hs[..., 0] if reverse else hs[..., -1]
+    y = torch.cat([ys[s] for s in sorted(ys)], dim=-1)
+    out = _finish(y, u, D, z, out_dtype, dtype)
+    return (out, h.float()) if return_last_state else out
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation=None, seq_idx=None, reverse=False,
+                      dtype=torch.float32):
+    """Depthwise causal conv1d: out[d, t] = sum_k w[d, k] x[d, t - (W-1) + k] (+ bias), then SiLU.
+
+    reverse=True is the anti-causal mirror: out[d, t] = sum_k w[d, k] x[d, t + (W-1) - k].
+    With seq_idx, taps that reach into another sequence read zero.
+    x: (batch, dim, L); weight: (dim, W); bias: (dim,).
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    out_dtype = x.dtype
+    xd, w = x.to(dtype), weight.to(dtype)
+    batch, dim, L = x.shape
+    W = w.shape[1]
+    out = torch.zeros(batch, dim, L, dtype=dtype, device=x.device)
+    for k in range(W):
+        shift = W - 1 - k
+        if shift >= L:
+            continue
+        if not reverse:
+            src = F.pad(xd, (shift, 0))[..., :L]
+        else:
+            src = F.pad(xd, (0, shift))[..., shift:]
+        if seq_idx is not None and shift:
+            sidx = F.pad(seq_idx, (shift, 0), value=-1)[..., :L] if not reverse else \
+                F.pad(seq_idx, (0, shift), value=-1)[..., shift:]
+            src = src * (sidx == seq_idx).to(dtype)[:, None, :]
+        out = out + w[None, :, k, None] * src
+    if bias is not None:
+        out = out + bias.to(dtype)[None, :, None]
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(out_dtype)

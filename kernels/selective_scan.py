@@ -1,0 +1,280 @@
+"""`selective_scan`: the mamba_ssm `selective_scan_fn` call, on Triton (CUDA) or PyTorch (anywhere).
+
+Backend choice, in order: the `backend=` argument, the GENOMAMBA_SCAN_BACKEND environment variable
+("triton" or "torch"), else Triton for CUDA tensors and the chunked PyTorch path otherwise.
+Forcing "triton" on CPU tensors works under TRITON_INTERPRET=1 (that is how CI tests the kernels).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import selective_scan_triton as K
+from .reference import selective_scan_chunked
+
+BACKENDS = ("triton", "torch")
+
+
+def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
+    """Pick "triton" or "torch" for tensor `x` (argument, then environment, then device)."""
+    choice = backend or os.environ.get("GENOMAMBA_SCAN_BACKEND") or "auto"
+    if choice == "auto":
+        return "triton" if x.is_cuda else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown scan backend {choice!r}; choose one of {BACKENDS} or 'auto'")
+    if choice == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    return choice
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
+    """Packed-sequence boundaries [0, l0, l0+l1, ..., L] -> (1, L) int32 sequence ids."""
+    lengths = torch.diff(cu_seqlens.to(torch.int64))
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != L or bool((lengths < 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to L={L}, got {cu_seqlens.tolist()}")
+    ids = torch.arange(len(lengths), device=cu_seqlens.device, dtype=torch.int32)
+    return torch.repeat_interleave(ids, lengths).unsqueeze(0)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tile_config(nstate: int, device: torch.device) -> dict:
+    """Tile shapes: small under the interpreter (it runs numpy per op), register-sized on GPU."""
+    bn = triton.next_power_of_2(nstate)
+    if _interpreting() or device.type != "cuda":
+        return dict(T=16, BD=4, BD_BWD=4, BC=8, BD_PASS=4, BN=bn, warps=1, warps_bwd=1)
+    t = 64 if bn <= 16 else 32
+    return dict(T=t, BD=8, BD_BWD=4, BC=16, BD_PASS=8, BN=bn, warps=8, warps_bwd=8)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 8
+    return 4
+
+
+def _block_channels(bd: int, dim_per_group: int, groups: int) -> int:
+    """A channel block must not straddle two B/C groups."""
+    while groups > 1 and dim_per_group % bd:
+        bd //= 2
+    return max(bd, 1)
+
+
+def _as_groups(X: torch.Tensor) -> torch.Tensor:
+    X = X if X.stride(-1) == 1 else X.contiguous()
+    return X.unsqueeze(1) if X.dim() == 3 else X
+
+
+def _last_contig(x):
+    return None if x is None else (x if x.stride(-1) == 1 else x.contiguous())
+
+
+def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                              initial_state=None, reverse=False, seq_idx=None, save_tile_states=False,
+                              chunk_tiles=None):
+    """Forward on Triton. Returns (out, last_state, tile_states or None, config)."""
+    u, delta, z = _last_contig(u), _last_contig(delta), _last_contig(z)
+    Bg, Cg = _as_groups(B), _as_groups(C)
+    batch, dim, L = u.shape
+    nstate = A.shape[1]
+    groups = Bg.shape[1]
+    if dim % groups or Cg.shape[1] != groups:
+        raise ValueError(f"dim={dim} must be divisible by the B/C groups ({groups}, {Cg.shape[1]})")
+    dpg = dim // groups
+    cfg = _tile_config(nstate, u.device)
+    T, BN = cfg["T"], cfg["BN"]
+    BD = _block_channels(cfg["BD"], dpg, groups)
+    A = A.float().contiguous()
+    n_tiles = triton.cdiv(L, T)
+    n_dblk = triton.cdiv(dim, BD)
+    if chunk_tiles is None:
+        per_chunk = batch * n_dblk
+        target = _target_programs(u.device)
+        n_chunks = 1 if per_chunk >= target else min(n_tiles, triton.cdiv(target, per_chunk))
+        chunk_tiles = triton.cdiv(n_tiles, n_chunks)
+    n_chunks = triton.cdiv(n_tiles, chunk_tiles)
+    dev = u.device
+    out = torch.empty_like(u)
+    last = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
+    tiles = torch.empty(batch, n_tiles, dim, nstate, device=dev, dtype=torch.float32) if save_tile_states else last
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+    db = None if delta_bias is None else delta_bias.float().contiguous()
+    Dv = None if D is None else D.float().contiguous()
+    dummy = last
+    flags = dict(HAS_DB=db is not None, SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq is not None,
+                 REVERSE=bool(reverse))
+    seq_stride = seq.stride(0) if seq is not None else 0
+    if n_chunks > 1:
+        S = torch.empty(batch, n_chunks, dim, nstate, device=dev, dtype=torch.float32)
+        P = torch.empty_like(S)
+        K._chunk_state_kernel[(batch, n_dblk, n_chunks)](
+            u, delta, A, Bg, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
+            L, dim, nstate, chunk_tiles, dpg,
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
+            Bg.stride(0), Bg.stride(1), Bg.stride(2), seq_stride,
+            S.stride(0), S.stride(1), S.stride(2),
+            BD=BD, BN=BN, T=T, num_warps=cfg["warps"], **flags)
+        Hc = torch.empty_like(S)
+        scratch = torch.empty_like(last)
+        K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]))](
+            S, P, h0 if h0 is not None else dummy, Hc, scratch,
+            n_chunks, dim, nstate, S.stride(0), S.stride(1), S.stride(2),
+            last.stride(0), last.stride(1),
+            BC=cfg["BC"], BD=cfg["BD_PASS"], BN=BN, HAS_H0=h0 is not None, REVERSE=False,
+            num_warps=cfg["warps"])
+        del S, P
+        hc, hc_strides = Hc, (Hc.stride(0), Hc.stride(1), Hc.stride(2))
+    elif h0 is not None:
+        hc, hc_strides = h0, (h0.stride(0), 0, h0.stride(1))
+    else:
+        hc, hc_strides = dummy, (0, 0, 0)
+    zz = z if z is not None else u
+    K._fwd_kernel[(batch, n_dblk, n_chunks)](
+        u, delta, A, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
+        seq if seq is not None else dummy, hc, out, tiles, last,
+        L, dim, nstate, chunk_tiles, dpg,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
+        Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1), Cg.stride(2),
+        zz.stride(0), zz.stride(1), out.stride(0), out.stride(1), seq_stride,
+        *hc_strides, tiles.stride(0), tiles.stride(1) if save_tile_states else 0, tiles.stride(-2),
+        last.stride(0), last.stride(1),
+        BD=BD, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
+        HAS_HCHUNK=(n_chunks > 1) or (h0 is not None), SAVE_TILES=bool(save_tile_states),
+        num_warps=cfg["warps"], **flags)
+    return out, last, (tiles if save_tile_states else None), cfg
+
+
+def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                              initial_state, reverse, seq_idx, tiles, cfg, nsplit=None):
+    """Backward on Triton from the saved tile-entry states. Returns the input gradients."""
+    u, delta, z, dout = _last_contig(u), _last_contig(delta), _last_contig(z), _last_contig(dout)
+    Bg, Cg = _as_groups(B), _as_groups(C)
+    batch, dim, L = u.shape
+    nstate = A.shape[1]
+    groups = Bg.shape[1]
+    dpg = dim // groups
+    T, BN = cfg["T"], cfg["BN"]
+    BD = _block_channels(cfg["BD"], dpg, groups)
+    BDb = _block_channels(cfg["BD_BWD"], dpg, groups)
+    n_tiles = triton.cdiv(L, T)
+    dev = u.device
+    A = A.float().contiguous()
+    seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+    db = None if delta_bias is None else delta_bias.float().contiguous()
+    Dv = None if D is None else D.float().contiguous()
+    dummy = tiles
+    seq_stride = seq.stride(0) if seq is not None else 0
+    flags = dict(HAS_DB=db is not None, SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq is not None,
+                 REVERSE=bool(reverse))
+    zz = z if z is not None else u
+    # Pass 1: each tile's adjoint contribution from a zero right boundary, and its decay.
+    S = torch.empty(batch, n_tiles, dim, nstate, device=dev, dtype=torch.float32)
+    P = torch.empty_like(S)
+    K._adjoint_tile_state_kernel[(batch, triton.cdiv(dim, BD), n_tiles)](
+        u, delta, A, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
+        L, dim, nstate, dpg,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Cg.stride(0), Cg.stride(1), Cg.stride(2),
+        zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), seq_stride,
+        S.stride(0), S.stride(1), S.stride(2),
+        BD=BD, BN=BN, T=T, HAS_Z=z is not None, num_warps=cfg["warps"], **flags)
+    # Pass 2: the adjoint entering every tile from the right (and the initial-state gradient).
+    R = torch.empty_like(S)
+    dh0 = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
+    dl = None if dlast is None else dlast.float().contiguous()
+    K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]))](
+        S, P, dl if dl is not None else dummy, R, dh0,
+        n_tiles, dim, nstate, S.stride(0), S.stride(1), S.stride(2), dh0.stride(0), dh0.stride(1),
+        BC=cfg["BC"], BD=cfg["BD_PASS"], BN=BN, HAS_H0=dl is not None, REVERSE=True, num_warps=cfg["warps"])
+    del S, P
+    # Pass 3: every gradient, one program per (batch, tile, channel split).
+    if nsplit is None:
+        target = _target_programs(dev)
+        nsplit = max(1, min(triton.cdiv(target, batch * n_tiles * groups), triton.cdiv(dpg, BDb)))
+    dps = triton.cdiv(dpg, nsplit)
+    nsplit = triton.cdiv(dpg, dps)
+    atomic_bc = nsplit > 1
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    alloc = torch.zeros if atomic_bc else torch.empty
+    dB = alloc(Bg.shape, device=dev, dtype=torch.float32)
+    dC = alloc(Cg.shape, device=dev, dtype=torch.float32)
+    dA = torch.zeros(dim, nstate, device=dev, dtype=torch.float32)
+    dD = torch.zeros(dim, device=dev, dtype=torch.float32) if Dv is not None else None
+    ddb = torch.zeros(dim, device=dev, dtype=torch.float32) if db is not None else None
+    dzz = dz if dz is not None else du
+    K._bwd_kernel[(batch, n_tiles, groups * nsplit)](
+        u, delta, A, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
+        seq if seq is not None else dummy, dout, tiles, R,
+        du, ddelta, dzz, dB, dC, dA, dD if dD is not None else dA, ddb if ddb is not None else dA,
+        L, dim, nstate, dpg, dps, nsplit,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
+        Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1), Cg.stride(2),
+        zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), seq_stride,
+        tiles.stride(0), tiles.stride(1), tiles.stride(2),
+        du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1), dzz.stride(0), dzz.stride(1),
+        dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
+        BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
+        num_warps=cfg["warps_bwd"], **flags)
+    if B.dim() == 3:
+        dB, dC = dB.squeeze(1), dC.squeeze(1)
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddb, dh0
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Autograd wrapper: the forward saves only the inputs and the state entering each tile."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse):
+        need_grad = any(ctx.needs_input_grad)
+        out, last, tiles, cfg = selective_scan_triton_fwd(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, seq_idx,
+            save_tile_states=need_grad)
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles)
+            ctx.cfg, ctx.softplus, ctx.reverse = cfg, delta_softplus, reverse
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = selective_scan_triton_bwd(
+            dout, dlast, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, initial_state, ctx.reverse,
+            seq_idx, tiles, ctx.cfg)
+        return (du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 if initial_state is not None else None,
+                None, None, None)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, initial_state=None, reverse=False, seq_idx=None,
+                   cu_seqlens=None, backend=None):
+    """Selective scan (S6), drop-in for `mamba_ssm.selective_scan_fn`, plus:
+
+    initial_state (batch, dim, N): state before the first step (differentiable);
+    reverse: scan right to left, reading the inputs in place (no flipped copies);
+    seq_idx (batch, L) or cu_seqlens (groups+1,) for batch 1: reset the state at boundaries of
+    packed sequences; backend: "triton", "torch" or None (see the module docstring).
+    Returns out (batch, dim, L) in u's dtype, and with return_last_state the float32 state after
+    the last step (the leftmost one when reverse=True).
+    """
+    batch, dim, L = u.shape
+    if A.shape[0] != dim:
+        raise ValueError(f"A has {A.shape[0]} rows but u has {dim} channels")
+    if cu_seqlens is not None:
+        if seq_idx is not None or batch != 1:
+            raise ValueError("cu_seqlens needs batch 1 and excludes seq_idx")
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, L)
+    if seq_idx is not None and tuple(seq_idx.shape) != (batch, L):
+        raise ValueError(f"seq_idx must be (batch, L) = {(batch, L)}, got {tuple(seq_idx.shape)}")
+    if resolve_backend(backend, u) == "torch":
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      initial_state=initial_state, reverse=reverse, seq_idx=seq_idx)
+    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                                      bool(delta_softplus), bool(reverse))
+    return (out, last) if return_last_state else out
