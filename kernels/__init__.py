@@ -4,10 +4,12 @@ Installed from the repository folder `kernels/` under the import name `genomamba
 top-level `kernels` module belongs to another package). It imports nothing from `genomamba`.
 """
 
+from .causal_conv1d import causal_conv1d
 from .reference import causal_conv1d_ref, selective_scan_chunked, selective_scan_ref
 from .selective_scan import selective_scan, seq_idx_from_cu_seqlens
 
 __all__ = [
+    "causal_conv1d",
     "selective_scan",
     "selective_scan_ref",
     "selective_scan_chunked",

@@ -48,8 +48,12 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
         return dict(T=16, BD=4, BD_BWD=4, BC=8, BD_PASS=4, BN=bn, warps=1, warps_bwd=1)
-    t = 64 if bn <= 16 else 32
-    return dict(T=t, BD=8, BD_BWD=4, BC=16, BD_PASS=8, BN=bn, warps=8, warps_bwd=8)
+    cfg = dict(T=64 if bn <= 16 else 32, BD=8, BD_BWD=4, BC=16, BD_PASS=8, BN=bn, warps=8, warps_bwd=8)
+    override = os.environ.get("GENOMAMBA_SCAN_TILES")  # "T,BD,BD_BWD,warps,warps_bwd", for tuning
+    if override:
+        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd")
+        cfg.update({k: int(v) for k, v in zip(keys, override.split(","))})
+    return cfg
 
 
 def _target_programs(device: torch.device) -> int:

@@ -1,0 +1,214 @@
+"""Selective-scan benchmark: check on the GPU first, then time with triton.testing.do_bench.
+
+    python -m genomamba_kernels.bench            # correctness, then the DESIGN.md shapes
+    python -m genomamba_kernels.bench --quick    # correctness and the two smallest shapes
+
+Prints one table: shape, forward ms, forward+backward ms, achieved GB/s of the minimal bytes,
+exponentials per second, and the ratio to mamba_ssm (measured live when mamba_ssm is importable,
+else against the numbers recorded in DESIGN.md section 4 for the same GPU kind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+from .causal_conv1d import causal_conv1d
+from .reference import causal_conv1d_ref, selective_scan_chunked, selective_scan_ref
+from .selective_scan import selective_scan
+
+SHAPES = [(8, 1536, 2048), (1, 512, 131072), (1, 1536, 131072), (1, 512, 1048576), (1, 1536, 1048576)]
+# DESIGN.md section 4: mamba_ssm 2.3.2.post1, bf16, z, D, delta_bias, softplus, N=16 (fwd, fwd+bwd ms).
+RECORDED = {
+    "H100": {SHAPES[0]: (0.56, 2.52), SHAPES[1]: (1.53, 9.47), SHAPES[2]: (4.54, 21.4),
+             SHAPES[3]: (11.8, 75.6), SHAPES[4]: (35.5, 171.0)},
+    "H200": {SHAPES[0]: (0.48, 2.42), SHAPES[1]: (1.52, 9.30), SHAPES[2]: (4.40, 20.7),
+             SHAPES[3]: (11.5, 75.1), SHAPES[4]: (34.8, 167.0)},
+}
+N = 16
+
+
+def make_inputs(batch, dim, L, dtype, groups=None, device="cuda", grad=False):
+    """Fresh random inputs shaped like a Mamba layer's (softplus'd dt around 0.001-0.1)."""
+    g = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
+    r = lambda *s: torch.randn(*s, device=device, generator=g)
+    bc = (batch, N, L) if groups is None else (batch, groups, N, L)
+    t = dict(u=r(batch, dim, L).to(dtype), delta=(r(batch, dim, L) * 0.5 - 4).to(dtype),
+             A=-torch.exp(r(dim, N) * 0.5), B=r(*bc).to(dtype), C=r(*bc).to(dtype),
+             D=r(dim), z=r(batch, dim, L).to(dtype), delta_bias=r(dim) * 0.1)
+    if grad:
+        for v in t.values():
+            v.requires_grad_(True)
+    return t
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_small(dtype, tol):
+    """Forward, last state and every gradient vs float64 autograd, across options."""
+    worst = 0.0
+    for kw in [dict(), dict(reverse=True), dict(groups=2), dict(seq=True), dict(seq=True, reverse=True)]:
+        t = make_inputs(2, 64, 1000, dtype, groups=kw.get("groups"), grad=True)
+        seq = None
+        if kw.get("seq"):
+            seq = torch.zeros(2, 1000, dtype=torch.int32, device="cuda")
+            seq[:, 300:] = 1
+            seq[:, 777:] = 2
+        h0 = torch.randn(2, 64, N, device="cuda", requires_grad=True)
+        args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        ref_args = [a.detach().double().requires_grad_() for a in args]
+        h0r = h0.detach().double().requires_grad_()
+        o, last = selective_scan(*args, delta_softplus=True, return_last_state=True, initial_state=h0,
+                                 reverse=kw.get("reverse", False), seq_idx=seq)
+        orf, lastr = selective_scan_ref(*ref_args, delta_softplus=True, return_last_state=True,
+                                        initial_state=h0r, reverse=kw.get("reverse", False), seq_idx=seq)
+        go = torch.randn_like(o)
+        gl = torch.randn_like(last)
+        ((o.float() * go.float()).sum() + (last * gl).sum()).backward()
+        ((orf * go.double()).sum() + (lastr * gl.double()).sum()).backward()
+        errs = {"out": rel(o, orf), "last": rel(last, lastr)}
+        for name, a, b in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), args, ref_args):
+            errs["d" + name] = rel(a.grad, b.grad)
+        errs["dh0"] = rel(h0.grad, h0r.grad)
+        bad = {k: v for k, v in errs.items() if not v < tol}
+        worst = max(worst, max(errs.values()))
+        print(f"  check {str(dtype):15s} {kw}: max rel err {max(errs.values()):.2e}" + (f"  FAIL {bad}" if bad else ""))
+        if bad:
+            sys.exit(f"correctness check failed for {dtype} {kw}: {bad}")
+    return worst
+
+
+def check_conv(dtype, tol):
+    x = torch.randn(2, 256, 3000, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(256, 4, device="cuda", requires_grad=True)
+    b = torch.randn(256, device="cuda", requires_grad=True)
+    for rev in (False, True):
+        out = causal_conv1d(x, w, b, activation="silu", reverse=rev)
+        ref = causal_conv1d_ref(x.detach().double(), w.detach().double(), b.detach().double(), "silu",
+                                reverse=rev, dtype=torch.float64)
+        e = rel(out, ref)
+        print(f"  check conv1d {str(dtype)} reverse={rev}: rel err {e:.2e}")
+        if not e < tol:
+            sys.exit("conv1d correctness check failed")
+
+
+def check_long(dim=1536, L=1 << 20):
+    """The 1 Mb shape (B*D*L > 2^31 elements) vs the chunked PyTorch path in fp32."""
+    t = make_inputs(1, dim, L, torch.bfloat16)
+    args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with torch.no_grad():
+        out = selective_scan(*args, delta_softplus=True)
+        ref = torch.empty(1, dim, L, device="cuda", dtype=torch.float32)
+        for d0 in range(0, dim, 256):  # channel blocks keep the reference's memory small
+            sl = slice(d0, d0 + 256)
+            ref[:, sl] = selective_scan_chunked(t["u"][:, sl], t["delta"][:, sl], t["A"][sl], t["B"], t["C"],
+                                                t["D"][sl], t["z"][:, sl], t["delta_bias"][sl], True,
+                                                chunk_size=2048)
+    e = rel(out, ref)
+    tail = rel(out[..., -4096:], ref[..., -4096:])
+    print(f"  check (1, {dim}, {L}) bf16 vs chunked fp32 reference: rel err {e:.2e} (last 4096 positions {tail:.2e})")
+    if not (e < 1e-2 and tail < 1e-2):
+        sys.exit("long-sequence correctness check failed")
+    return e
+
+
+def time_shape(batch, dim, L, bench):
+    t = make_inputs(batch, dim, L, torch.bfloat16, grad=True)
+    args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    dout = torch.randn(batch, dim, L, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        with torch.no_grad():
+            return selective_scan(*args, delta_softplus=True)
+
+    def fwd_bwd():
+        selective_scan(*args, delta_softplus=True).backward(dout)
+
+    f = bench(fwd, warmup=25, rep=100, return_mode="median")
+    fb = bench(fwd_bwd, warmup=25, rep=100, grad_to_none=args, return_mode="median")
+    e = 2  # bytes per bf16 element
+    big = batch * dim * L * e
+    bc = 2 * batch * N * L * e
+    fwd_bytes = 3 * big + bc + big                      # u, delta, z, B, C in; out
+    bwd_bytes = 4 * big + bc + 3 * big + bc             # u, delta, z, dout, B, C in; du, ddelta, dz, dB, dC
+    exps = batch * dim * L * N
+    return dict(shape=(batch, dim, L), fwd_ms=f, fwd_bwd_ms=fb,
+                fwd_gbs=fwd_bytes / f / 1e6, fwd_bwd_gbs=(fwd_bytes + bwd_bytes) / fb / 1e6,
+                fwd_gexp=exps / f / 1e6, fwd_bwd_gexp=2 * exps / fb / 1e6)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="only the two smallest shapes")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    ap.add_argument("--shapes", default=None, help="e.g. '1,512,131072;8,1536,2048'")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--sweep", default=None,
+                    help="tile configs 'T,BD,BD_BWD,warps,warps_bwd;...' timed on --shapes before the table")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("the benchmark needs a CUDA GPU")
+    import triton
+    from triton.testing import do_bench
+
+    name = torch.cuda.get_device_name()
+    kind = "H200" if "H200" in name else ("H100" if "H100" in name else None)
+    print(f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; "
+          f"{datetime.date.today().isoformat()}; tiles {os.environ.get('GENOMAMBA_SCAN_TILES', 'default')}")
+    if not args.no_check:
+        check_small(torch.float32, 1e-5)
+        check_small(torch.bfloat16, 1e-2)
+        check_conv(torch.float32, 1e-5)
+        check_conv(torch.bfloat16, 1e-2)
+        check_long()
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    if args.sweep:
+        for tiles in args.sweep.split(";"):
+            os.environ["GENOMAMBA_SCAN_TILES"] = tiles
+            for shp in shapes:
+                try:
+                    r = time_shape(*shp, do_bench)
+                    print(f"  sweep tiles={tiles} {shp}: fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwd_bwd_ms']:.3f} ms",
+                          flush=True)
+                except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+                    print(f"  sweep tiles={tiles} {shp}: failed: {str(exc).splitlines()[0][:200]}", flush=True)
+                torch.cuda.empty_cache()
+        os.environ.pop("GENOMAMBA_SCAN_TILES")
+        return
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_fn  # noqa: F401
+        live = True
+    except ImportError:
+        live = False
+    rows = []
+    for shp in shapes:
+        r = time_shape(*shp, do_bench)
+        rec = RECORDED.get(kind, {}).get(tuple(shp))
+        r["vs_mamba_fwd"] = rec[0] / r["fwd_ms"] if rec else None
+        r["vs_mamba_fwd_bwd"] = rec[1] / r["fwd_bwd_ms"] if rec else None
+        rows.append(r)
+        torch.cuda.empty_cache()
+    src = "live" if live else f"recorded ({kind}, DESIGN.md §4)"
+    print(f"\n| shape (B, D, L) | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | fwd Gexp/s | "
+          f"speed-up vs mamba_ssm fwd / fwd+bwd [{src}] |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        vs = (f"{r['vs_mamba_fwd']:.2f}x / {r['vs_mamba_fwd_bwd']:.2f}x" if r["vs_mamba_fwd"] else "n/a")
+        print(f"| {r['shape']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_gbs']:.0f} | "
+              f"{r['fwd_bwd_gbs']:.0f} | {r['fwd_gexp']:.0f} | {vs} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=name, rows=rows), fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

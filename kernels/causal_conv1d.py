@@ -1,0 +1,189 @@
+"""Depthwise causal conv1d with fused SiLU, in Triton (forward and backward), with dispatch.
+
+Same call as `causal_conv1d.causal_conv1d_fn(x, weight, bias, seq_idx, activation)` plus
+`reverse=True`, the anti-causal mirror used by the right-to-left half of a bidirectional block
+(no flipped copy of x is made). Backend choice works as for `selective_scan`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import causal_conv1d_ref
+from .selective_scan import resolve_backend
+
+
+@triton.jit
+def _tap(x_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, j, L,
+         REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """x at t - j (causal) or t + j (reverse), zero outside [0, L) or across a sequence boundary."""
+    if REVERSE:
+        src = t + j
+    else:
+        src = t - j
+    ok = (src >= 0) & (src < L)
+    if HAS_SEQ:
+        s_src = tl.load(seq_ptr + pid_b * s_seq_b + src, mask=ok, other=-1)
+        ok = ok & (s_src == seq_t)
+    return tl.load(x_ptr + row + src[None, :], mask=mask_d[:, None] & ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_pre(x_ptr, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, L, W,
+              WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+              HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Pre-activation conv output at positions t, (BD, BT), float32."""
+    if HAS_SEQ:
+        seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=(t >= 0) & (t < L), other=-2)
+    else:
+        seq_t = t
+    acc = tl.zeros((BD, BT), dtype=tl.float32)
+    for k in tl.static_range(WP):
+        if k < W:
+            wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
+            acc += wk[:, None] * _tap(x_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, W - 1 - k, L,
+                                      REVERSE, HAS_SEQ)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, L, DIM, W,
+                     s_x_b, s_x_d, s_o_b, s_o_d, s_seq_b,
+                     WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
+    t = (tl.program_id(2) * BT + tl.arange(0, BT)).to(tl.int64)
+    mask_d = offs_d < DIM
+    row = pid_b * s_x_b + offs_d[:, None] * s_x_d
+    acc = _conv_pre(x_ptr, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, L, W,
+                    WP, BD, BT, HAS_BIAS, REVERSE, HAS_SEQ)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + pid_b * s_o_b + offs_d[:, None] * s_o_d + t[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (t < L)[None, :])
+
+
+@triton.jit
+def _conv_grad_pre(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, s_seq_b, pid_b, row, drow, offs_d, mask_d, t, L, W,
+                   WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Gradient w.r.t. the pre-activation at positions t (zero outside [0, L))."""
+    ok = (t >= 0) & (t < L)
+    g = tl.load(dout_ptr + drow + t[None, :], mask=mask_d[:, None] & ok[None, :], other=0.0).to(tl.float32)
+    if SILU:
+        pre = _conv_pre(x_ptr, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, L, W,
+                        WP, BD, BT, HAS_BIAS, REVERSE, HAS_SEQ)
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, DIM, W,
+                     s_x_b, s_x_d, s_do_b, s_do_d, s_dx_b, s_dx_d, s_seq_b,
+                     WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """dx by the mirrored conv of the pre-activation gradient; dw, dbias reduced per tile."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
+    t = (tl.program_id(2) * BT + tl.arange(0, BT)).to(tl.int64)
+    mask_d = offs_d < DIM
+    in_t = t < L
+    row = pid_b * s_x_b + offs_d[:, None] * s_x_d
+    drow = pid_b * s_do_b + offs_d[:, None] * s_do_d
+    if HAS_SEQ:
+        seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
+    else:
+        seq_t = t
+    g0 = _conv_grad_pre(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, s_seq_b, pid_b, row, drow, offs_d, mask_d, t, L, W,
+                        WP, BD, BT, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + offs_d, tl.sum(g0, axis=1), mask=mask_d)
+    dx = tl.zeros((BD, BT), dtype=tl.float32)
+    for k in tl.static_range(WP):
+        if k < W:
+            j = W - 1 - k
+            # dw[d, k] = sum_t g(t) x(t -/+ j)
+            xk = _tap(x_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, j, L, REVERSE, HAS_SEQ)
+            tl.atomic_add(dw_ptr + offs_d * W + k, tl.sum(g0 * xk, axis=1), mask=mask_d)
+            # dx(t) = sum_k w_k g(t +/- j), where tap t +/- j read x(t) from the same sequence.
+            if REVERSE:
+                tt = t - j
+            else:
+                tt = t + j
+            gk = _conv_grad_pre(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, s_seq_b, pid_b, row, drow, offs_d, mask_d,
+                                tt, L, W, WP, BD, BT, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+            if HAS_SEQ:
+                s_tt = tl.load(seq_ptr + pid_b * s_seq_b + tt, mask=(tt >= 0) & (tt < L), other=-3)
+                gk = tl.where((s_tt == seq_t)[None, :], gk, 0.0)
+            wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
+            dx += wk[:, None] * gk
+    tl.store(dx_ptr + pid_b * s_dx_b + offs_d[:, None] * s_dx_d + t[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & in_t[None, :])
+
+
+def _blocks(x):
+    return (4, 16, 1) if x.device.type != "cuda" else (16, 128, 4)
+
+
+def _launch_args(x, weight, bias, seq_idx):
+    batch, dim, L = x.shape
+    W = weight.shape[1]
+    BD, BT, warps = _blocks(x)
+    grid = (batch, triton.cdiv(dim, BD), triton.cdiv(L, BT))
+    w = weight.contiguous()
+    seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+    return batch, dim, L, W, BD, BT, warps, grid, w, seq
+
+
+class CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, silu, reverse):
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
+        out = torch.empty_like(x)
+        _conv_fwd_kernel[grid](
+            x, w, bias if bias is not None else w, seq if seq is not None else w, out, L, dim, W,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1), seq.stride(0) if seq is not None else 0,
+            WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu,
+            REVERSE=reverse, HAS_SEQ=seq is not None, num_warps=warps)
+        ctx.save_for_backward(x, weight, bias, seq_idx)
+        ctx.silu, ctx.reverse = silu, reverse
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, seq_idx = ctx.saved_tensors
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
+        dx = torch.empty_like(x)
+        dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
+        db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
+        _conv_bwd_kernel[grid](
+            x, w, bias if bias is not None else w, seq if seq is not None else w, dout, dx, dw,
+            db if db is not None else dw, L, dim, W,
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
+            seq.stride(0) if seq is not None else 0,
+            WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=ctx.silu,
+            REVERSE=ctx.reverse, HAS_SEQ=seq is not None, num_warps=warps)
+        return (dx, dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None, None, None, None)
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, activation=None, *, reverse=False, backend=None):
+    """Depthwise conv over L. x (batch, dim, L), weight (dim, W), bias (dim,), seq_idx (batch, L).
+
+    activation: None or "silu"/"swish". reverse=True: anti-causal (each output sees itself and the
+    W-1 positions to its right).
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight must be (dim={x.shape[1]}, width), got {tuple(weight.shape)}")
+    if resolve_backend(backend, x) == "torch":
+        return causal_conv1d_ref(x, weight, bias, activation, seq_idx, reverse)
+    return CausalConv1dFn.apply(x, weight, bias, seq_idx, activation is not None, bool(reverse))
