@@ -1,0 +1,114 @@
+"""The `genomamba` command. Exit codes: 0 success, 2 bad input (message names file/record/position),
+1 anything else. Subcommands map one-to-one onto Snakemake rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from . import __version__
+
+log = logging.getLogger("genomamba")
+
+
+def _cmd_windows(args) -> int:
+    """Tile a FASTA (or BED regions of it) into windows, drop N-rich ones, write a BED, print a summary."""
+    import numpy as np
+
+    from . import tokenizer
+    from .atomic import atomic_open
+    from .io import Fasta, read_bed
+    from .windows import filter_by_n, tile
+
+    fasta = Fasta(args.fasta, lenient=args.lenient)
+    regions = read_bed(args.bed) if args.bed else None
+    if regions is not None:
+        for r in regions:
+            name = fasta.resolve(r.contig)
+            if r.end > fasta.lengths[name]:
+                from .errors import InputError
+                raise InputError(f"BED interval ends at {r.end:,}, past the contig end ({fasta.lengths[name]:,})",
+                                 path=args.bed, record=r.contig, position=r.start)
+    contigs = set(args.contigs.split(",")) if args.contigs else None
+    windows = tile(fasta.lengths, args.window, args.stride, regions=regions, contigs=contigs)
+    t0 = time.perf_counter()
+    total_tokens = 0
+    kept, dropped = filter_by_n(fasta, windows, args.max_n)
+    # Tokenize everything once more on its own to report throughput honestly.
+    t1 = time.perf_counter()
+    for w in kept:
+        total_tokens += len(fasta.fetch_ids(w.contig, w.start, w.end, pad=True))
+    t2 = time.perf_counter()
+    if args.out:
+        with atomic_open(args.out) as fh:
+            for w in kept:
+                fh.write(f"{w.contig}\t{w.start}\t{w.end}\n")
+    bases = sum(fasta.lengths[fasta.resolve(c)] for c in (contigs or fasta.lengths))
+    first = kept[0] if kept else None
+    print(f"FASTA        {args.fasta}: {len(fasta.lengths)} contig(s), {bases:,} bp")
+    print(f"windows      {len(windows):,} of {args.window:,} bp, stride {args.stride or args.window:,} bp; "
+          f"kept {len(kept):,}, dropped {dropped:,} with N fraction > {args.max_n}")
+    print(f"tokens       {total_tokens:,} read and tokenized in {t2 - t1:.3f} s "
+          f"({total_tokens / max(t2 - t1, 1e-9) / 1e6:.1f} M tokens/s; filtering pass {t1 - t0:.3f} s)")
+    if first is not None:
+        ids = fasta.fetch_ids(first.contig, first.start, first.end, pad=True)
+        counts = np.bincount(ids, minlength=tokenizer.VOCAB_SIZE)
+        comp = ", ".join(f"{b}={counts[i] / len(ids):.3f}" for b, i in zip("ACGTN", range(7, 12)))
+        print(f"first window {first.contig}:{first.start}-{first.end} composition {comp}; "
+              f"starts {tokenizer.decode(ids[:24])}...")
+    if args.out:
+        print(f"wrote        {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="genomamba",
+        description="Long-context DNA models (bidirectional Mamba) from FASTA/BED/VCF/BAM files.",
+        epilog="Exit codes: 0 success, 2 bad input (the message names the file, record and position), "
+               "1 other errors. Coordinates on the command line and in BED are 0-based half-open.")
+    p.add_argument("--version", action="version", version=f"genomamba {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    w = sub.add_parser("windows", help="tile a genome into model windows and summarise them",
+                       description="Tile a FASTA (plain or bgzip) into windows of --window bp every --stride bp, "
+                                   "drop windows with too many N, tokenize them, print a summary and optionally "
+                                   "write the windows as BED.")
+    w.add_argument("fasta", help="reference FASTA (plain or bgzip; a .fai is built when missing)")
+    w.add_argument("--bed", help="only tile these regions (BED, 0-based half-open)")
+    w.add_argument("--window", type=int, default=1024, help="window length in bp, 128..1048576 (default 1024)")
+    w.add_argument("--stride", type=int, default=None, help="step between window starts (default: --window)")
+    w.add_argument("--max-n", type=float, default=0.5, help="drop windows with a larger N fraction (default 0.5)")
+    w.add_argument("--contigs", help="comma-separated contigs to tile (default: all)")
+    w.add_argument("--lenient", action="store_true", help="map non-IUPAC characters to [UNK] instead of failing")
+    w.add_argument("--out", help="write the kept windows here as BED (atomically)")
+    w.set_defaults(func=_cmd_windows)
+    return p
+
+
+def main(argv=None) -> int:
+    from .errors import InputError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="genomamba: %(levelname)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"genomamba: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("genomamba: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Tiling a genome (or BED regions) into fixed-length windows, and chromosome splits.
+
+Windows are 0-based half-open and may run past a contig's end: the reader pads those positions
+with [PAD], so every window has exactly `length` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+from .io.contigs import candidate_names
+from .tokenizer import n_fraction
+
+MIN_WINDOW, MAX_WINDOW = 128, 1_048_576
+
+
+@dataclass(frozen=True)
+class Window:
+    contig: str
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def check_window(length: int, stride: int | None = None) -> None:
+    if not MIN_WINDOW <= length <= MAX_WINDOW:
+        raise InputError(f"window length {length:,} is outside {MIN_WINDOW:,}..{MAX_WINDOW:,} bp")
+    if stride is not None and stride <= 0:
+        raise InputError(f"stride must be positive, got {stride}")
+
+
+def tile(lengths: dict[str, int], length: int, stride: int | None = None, *, regions=None,
+         contigs=None) -> list[Window]:
+    """Windows of `length` every `stride` bp over each contig (or over each BED region).
+
+    The last window of a contig (or region) starts at the last stride step before its end and is
+    padded; a contig shorter than the window gives one padded window.
+    """
+    stride = stride or length
+    check_window(length, stride)
+    spans = [(r.contig, r.start, r.end) for r in regions] if regions is not None else \
+        [(c, 0, n) for c, n in lengths.items() if contigs is None or c in contigs]
+    out = []
+    for contig, lo, hi in spans:
+        if hi <= lo:
+            continue
+        for s in range(lo, max(hi - length, lo) + 1, stride):
+            out.append(Window(contig, s, s + length))
+        last = out[-1].start if out and out[-1].contig == contig else None
+        if last is not None and last + length < hi:  # cover the tail
+            out.append(Window(contig, last + stride, last + stride + length))
+    return out
+
+
+def filter_by_n(fasta, windows, max_n_fraction: float):
+    """Keep windows whose N (or padding-free unknown) fraction is at most `max_n_fraction`."""
+    kept, dropped = [], 0
+    for w in windows:
+        ids = fasta.fetch_ids(w.contig, w.start, w.end, pad=True)
+        if n_fraction(ids) <= max_n_fraction:
+            kept.append(w)
+        else:
+            dropped += 1
+    return kept, dropped
+
+
+def _canonical(name: str) -> str:
+    return min([name] + candidate_names(name), key=len)
+
+
+def check_disjoint_splits(**splits) -> None:
+    """Refuse train/val/test chromosome lists that share a chromosome (either naming style)."""
+    seen: dict[str, str] = {}
+    for split, names in splits.items():
+        for name in names or ():
+            key = _canonical(name)
+            if key in seen and seen[key] != split:
+                raise InputError(f"chromosome {name!r} is in both the {seen[key]} and {split} lists: "
+                                 "training and evaluating on the same chromosome leaks information")
+            seen[key] = split
+
+
+def split_windows(windows, *, train=None, val=None, test=None) -> dict[str, list[Window]]:
+    """Assign windows to splits by chromosome (after checking the lists are disjoint)."""
+    check_disjoint_splits(train=train, val=val, test=test)
+    out = {"train": [], "val": [], "test": []}
+    lookup = {}
+    for split, names in (("train", train), ("val", val), ("test", test)):
+        for n in names or ():
+            lookup[_canonical(n)] = split
+    for w in windows:
+        split = lookup.get(_canonical(w.contig))
+        if split is not None:
+            out[split].append(w)
+    return out
+
+
+def windows_to_array(windows) -> np.ndarray:
+    """(n, 2) int64 starts/ends (for storing next to embeddings)."""
+    return np.array([(w.start, w.end) for w in windows], dtype=np.int64).reshape(-1, 2)
