@@ -75,14 +75,16 @@ def _canonical(name: str) -> str:
 
 def check_disjoint_splits(**splits) -> None:
     """Refuse train/val/test chromosome lists that share a chromosome (either naming style)."""
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}
     for split, names in splits.items():
         for name in names or ():
             key = _canonical(name)
-            if key in seen and seen[key] != split:
-                raise InputError(f"chromosome {name!r} is in both the {seen[key]} and {split} lists: "
-                                 "training and evaluating on the same chromosome leaks information")
-            seen[key] = split
+            if key in seen and seen[key][0] != split:
+                other_split, other_name = seen[key]
+                spelled = f"{other_name!r} in {other_split}, {name!r} in {split}"
+                raise InputError(f"chromosome {other_name!r} is in both the {other_split} and {split} lists "
+                                 f"({spelled}): training and evaluating on the same chromosome leaks information")
+            seen[key] = (split, name)
 
 
 def split_windows(windows, *, train=None, val=None, test=None) -> dict[str, list[Window]]:

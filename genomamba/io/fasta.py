@@ -85,8 +85,7 @@ class Fasta:
         try:
             self._fa = pyfaidx.Fasta(str(self.path), as_raw=True, sequence_always_upper=False,
                                      rebuild=False, build_index=True)
-        except (pyfaidx.FastaIndexingError, pyfaidx.UnsupportedCompressionFormat, ValueError,
-                EOFError, OSError) as exc:
+        except Exception as exc:  # pyfaidx, Bio.bgzf, zlib and struct all signal a bad file differently
             raise InputError(f"malformed or truncated FASTA: {exc}", path=self.path,
                              hint="check that every record has a '>' header and equal-length lines; "
                                   "`samtools faidx` reports the same problem") from exc
@@ -134,7 +133,11 @@ class Fasta:
                              path=self.path, record=contig, position=start,
                              hint="coordinates are 0-based half-open; ask for padding to read past the ends")
         lo, hi = max(start, 0), min(end, length)
-        seq = self._fa[name][lo:hi] if hi > lo else ""
+        try:
+            seq = self._fa[name][lo:hi] if hi > lo else ""
+        except Exception as exc:  # a corrupt compressed block surfaces here, not at open
+            raise InputError(f"cannot read bases: {exc}; the file looks truncated or corrupt", path=self.path,
+                             record=contig, position=lo) from exc
         if len(seq) != hi - lo:
             raise InputError(f"read {len(seq)} bases where {hi - lo} were expected: the file is truncated "
                              "or its .fai index is stale", path=self.path, record=contig, position=lo,

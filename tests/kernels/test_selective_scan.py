@@ -1,0 +1,179 @@
+"""Triton selective scan (under TRITON_INTERPRET=1) and the CPU fast path vs the float64 reference."""
+
+import itertools
+
+import pytest
+import torch
+
+from genomamba_kernels import (seq_idx_from_cu_seqlens, selective_scan, selective_scan_chunked,
+                               selective_scan_ref)
+from genomamba_kernels.selective_scan import resolve_backend, selective_scan_triton_fwd
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make(batch=2, dim=8, L=37, n=4, groups=None, dtype=torch.float32, z=True, D=True, bias=True, h0=True,
+         seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    bc = (batch, n, L) if groups is None else (batch, groups, n, L)
+    return dict(u=r(batch, dim, L).to(dtype), delta=(r(batch, dim, L) * 0.5).to(dtype),
+                A=-torch.rand(dim, n, generator=g) * 2 - 0.1, B=r(*bc).to(dtype), C=r(*bc).to(dtype),
+                D=r(dim) if D else None, z=r(batch, dim, L).to(dtype) if z else None,
+                delta_bias=r(dim) * 0.1 if bias else None, initial_state=r(batch, dim, n) if h0 else None)
+
+
+def packed_seq_idx(batch, L):
+    cuts = sorted({0, L // 3, L // 3 + 1, (2 * L) // 3, L})
+    ids = torch.zeros(batch, L, dtype=torch.int32)
+    for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        ids[:, a:b] = k
+    return ids
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def compare(inputs, tol, softplus=True, reverse=False, seq_idx=None, backend="triton"):
+    """Forward, last state and every gradient of `backend` vs autograd through the float64 reference."""
+    ours = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    ref = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    args = lambda d: [d[k] for k in NAMES[:8]]  # noqa: E731
+    o, last = selective_scan(*args(ours), delta_softplus=softplus, return_last_state=True,
+                             initial_state=ours["initial_state"], reverse=reverse, seq_idx=seq_idx, backend=backend)
+    o_ref, last_ref = selective_scan_ref(*args(ref), delta_softplus=softplus, return_last_state=True,
+                                         initial_state=ref["initial_state"], reverse=reverse, seq_idx=seq_idx)
+    assert o.dtype == inputs["u"].dtype and last.dtype == torch.float32
+    go, gl = torch.randn_like(o_ref), torch.randn_like(last_ref)
+    ((o.double() * go).sum() + (last.double() * gl).sum()).backward()
+    ((o_ref * go).sum() + (last_ref * gl).sum()).backward()
+    errs = {"out": rel(o, o_ref), "last_state": rel(last, last_ref)}
+    for k in NAMES:
+        if ours[k] is not None:
+            assert ours[k].grad is not None, f"no gradient for {k}"
+            errs["d" + k] = rel(ours[k].grad, ref[k].grad)
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+OPTIONS = [dict(z=z, D=D, bias=b, h0=h) for z, D, b, h in itertools.product([True, False], repeat=4)]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(k for k, v in o.items() if v) or "bare")
+def test_triton_options_fp32(opts):
+    compare(make(**opts), 1e-5, softplus=opts["bias"])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("groups", [None, 2])
+def test_triton_reverse_seq_idx_groups(reverse, packed, groups):
+    x = make(groups=groups)
+    compare(x, 1e-5, reverse=reverse, seq_idx=packed_seq_idx(2, 37) if packed else None)
+
+
+@pytest.mark.parametrize("L", [1, 2, 16, 17, 50])
+def test_triton_lengths(L):
+    compare(make(L=L, dim=4, batch=1), 1e-5, reverse=L % 2 == 0)
+
+
+def test_triton_state_not_power_of_two():
+    compare(make(n=3, dim=6, L=20, batch=1), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half_precision(dtype):
+    compare(make(dtype=dtype, L=40), 1e-2)
+
+
+@pytest.mark.parametrize("chunk_tiles", [1, 2, 3])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_multi_chunk_forward_matches_reference(chunk_tiles, reverse):
+    """The three-pass forward (chunk states, state passing, rescan) at several chunk sizes."""
+    x = make(L=70)
+    seq = packed_seq_idx(2, 70)
+    args = [x[k] for k in NAMES[:8]]
+    out, last, _, _ = selective_scan_triton_fwd(*args, True, x["initial_state"], reverse, seq,
+                                                chunk_tiles=chunk_tiles)
+    ref, ref_last = selective_scan_ref(*args, True, True, initial_state=x["initial_state"], reverse=reverse,
+                                       seq_idx=seq)
+    assert rel(out, ref) < 1e-5 and rel(last, ref_last) < 1e-5
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpu_fast_path_matches_reference_larger(reverse, packed):
+    x = make(batch=2, dim=16, L=1500, n=16, groups=2)
+    compare(x, 1e-5, reverse=reverse, seq_idx=packed_seq_idx(2, 1500) if packed else None, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reverse_equals_flip_scan_flip(backend):
+    x = make(h0=False)
+    args = [x[k] for k in NAMES[:8]]
+    flip = lambda t: t.flip(-1) if t is not None else None  # noqa: E731
+    rev = selective_scan(*args, delta_softplus=True, reverse=True, backend=backend)
+    fl = [flip(args[0]), flip(args[1]), args[2], flip(args[3]), flip(args[4]), args[5], flip(args[6]), args[7]]
+    ref = flip(selective_scan(*fl, delta_softplus=True, backend=backend))
+    assert rel(rev, ref) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_sequences_equal_separate_scans(backend):
+    x = make(batch=1, h0=False, L=45)
+    args = [x[k] for k in NAMES[:8]]
+    cu = torch.tensor([0, 10, 30, 45])
+    packed = selective_scan(*args, delta_softplus=True, cu_seqlens=cu, backend=backend)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        part = [t[..., a:b] if t is not None and t.dim() == 3 else t for t in args]
+        alone = selective_scan(*part, delta_softplus=True, backend=backend)
+        assert rel(packed[..., a:b], alone) < 1e-5
+
+
+def test_forward_then_reverse_composes_with_states():
+    """Scanning [0, k) then [k, L) from the carried state equals one scan; same right to left."""
+    x = make(batch=1, h0=False, L=40)
+    args = [x[k] for k in NAMES[:8]]
+    k = 23
+    cut = lambda lo, hi: [t[..., lo:hi] if t is not None and t.dim() == 3 else t for t in args]  # noqa: E731
+    for reverse in (False, True):
+        full = selective_scan(*args, delta_softplus=True, reverse=reverse, backend="triton")
+        first, second = ((0, k), (k, 40)) if not reverse else ((k, 40), (0, k))
+        o1, h = selective_scan(*cut(*first), delta_softplus=True, return_last_state=True, reverse=reverse,
+                               backend="triton")
+        o2 = selective_scan(*cut(*second), delta_softplus=True, initial_state=h, reverse=reverse, backend="triton")
+        joined = torch.cat([o1, o2], -1) if not reverse else torch.cat([o2, o1], -1)
+        assert rel(joined, full) < 1e-5
+
+
+def test_chunked_reference_memory_is_chunk_sized():
+    """The CPU path never builds a (batch, dim, N, L) tensor: a long input at tiny chunks still works."""
+    x = make(batch=1, dim=2, L=5000, n=2, h0=False)
+    args = [x[k] for k in NAMES[:8]]
+    a = selective_scan_chunked(*args, delta_softplus=True, chunk_size=64)
+    b = selective_scan_chunked(*args, delta_softplus=True, chunk_size=4096)
+    assert rel(a, b) < 1e-5
+
+
+def test_backend_resolution(monkeypatch):
+    t = torch.zeros(1)
+    assert resolve_backend(None, t) == "torch"
+    monkeypatch.setenv("GENOMAMBA_SCAN_BACKEND", "triton")
+    assert resolve_backend(None, t) == "triton"
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        resolve_backend("cuda-magic", t)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        resolve_backend("triton", t)
+
+
+def test_bad_arguments():
+    x = make()
+    args = [x[k] for k in NAMES[:8]]
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        selective_scan(*args, cu_seqlens=torch.tensor([0, 10, 37]))
+    with pytest.raises(ValueError, match="seq_idx must be"):
+        selective_scan(*args, seq_idx=torch.zeros(2, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rise from 0"):
+        seq_idx_from_cu_seqlens(torch.tensor([0, 50, 40]), 40)

@@ -1,0 +1,39 @@
+import subprocess
+import sys
+
+from genomamba.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "genomamba", *args], capture_output=True, text=True)
+
+
+def test_version_and_help():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("genomamba ")
+    r = run("--help")
+    assert r.returncode == 0 and "windows" in r.stdout and "Exit codes" in r.stdout
+
+
+def test_windows_on_lambda_writes_bed(tmp_path, data, capsys):
+    out = tmp_path / "w.bed"
+    assert main(["windows", str(data / "lambda_phage_NC_001416.fa.gz"), "--window", "4096", "--stride", "2048",
+                 "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 23 and lines[0].split("\t")[1:] == ["0", "4096"]
+    assert "48,502 bp" in capsys.readouterr().out
+
+
+def test_bad_input_exit_code_and_no_partial_output(tmp_path, data):
+    (tmp_path / "bad.bed").write_text("chr1\t10\t5\n")
+    out = tmp_path / "w.bed"
+    r = run("windows", str(data / "ex1.fa"), "--bed", str(tmp_path / "bad.bed"), "--window", "128",
+            "--out", str(out))
+    assert r.returncode == 2 and "bad.bed" in r.stderr and "line 1" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".w.bed*"))
+    (tmp_path / "past.bed").write_text("chr1\t1000\t2000\n")
+    r = run("windows", str(data / "ex1.fa"), "--bed", str(tmp_path / "past.bed"), "--window", "128",
+            "--out", str(out))
+    assert r.returncode == 2 and "past the contig end" in r.stderr and not out.exists()
+    r = run("windows", str(data / "oct4_chipseq_peaks_200bp_test.fa.gz"), "--out", str(out))
+    assert r.returncode == 2 and "bgzip" in r.stderr and not out.exists()
