@@ -44,11 +44,14 @@ def _interpreting() -> bool:
 
 
 def _tile_config(nstate: int, device: torch.device) -> dict:
-    """Tile shapes: small under the interpreter (it runs numpy per op), register-sized on GPU."""
+    """Tile shapes: small under the interpreter (it runs numpy per op), register-sized on GPU.
+
+    T is the number of time steps each thread scans sequentially (the tile's in-thread axis).
+    """
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
-        return dict(T=16, BD=4, BD_BWD=4, BC=8, BD_PASS=4, BN=bn, warps=1, warps_bwd=1)
-    cfg = dict(T=64 if bn <= 16 else 32, BD=8, BD_BWD=4, BC=16, BD_PASS=8, BN=bn, warps=8, warps_bwd=8)
+        return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=4, BN=bn, warps=1, warps_bwd=1)
+    cfg = dict(T=16, BD=32, BD_BWD=16, BC=16, BD_PASS=8, BN=bn, warps=4, warps_bwd=4)
     override = os.environ.get("GENOMAMBA_SCAN_TILES")  # "T,BD,BD_BWD,warps,warps_bwd", for tuning
     if override:
         keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd")
@@ -142,7 +145,7 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
     K._fwd_kernel[(batch, n_dblk, n_chunks)](
         u, delta, A, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
         seq if seq is not None else dummy, hc, out, tiles, last,
-        L, dim, nstate, chunk_tiles, dpg,
+        L, dim, nstate, chunk_tiles, n_tiles, dpg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1), Cg.stride(2),
         zz.stride(0), zz.stride(1), out.stride(0), out.stride(1), seq_stride,
@@ -180,7 +183,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     # Pass 1: each tile's adjoint contribution from a zero right boundary, and its decay.
     S = torch.empty(batch, n_tiles, dim, nstate, device=dev, dtype=torch.float32)
     P = torch.empty_like(S)
-    K._adjoint_tile_state_kernel[(batch, triton.cdiv(dim, BD), n_tiles)](
+    K._adjoint_tile_kernel[(batch, triton.cdiv(dim, BD), n_tiles)](
         u, delta, A, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
         L, dim, nstate, dpg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Cg.stride(0), Cg.stride(1), Cg.stride(2),
@@ -209,14 +212,17 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     alloc = torch.zeros if atomic_bc else torch.empty
     dB = alloc(Bg.shape, device=dev, dtype=torch.float32)
     dC = alloc(Cg.shape, device=dev, dtype=torch.float32)
-    dA = torch.zeros(dim, nstate, device=dev, dtype=torch.float32)
-    dD = torch.zeros(dim, device=dev, dtype=torch.float32) if Dv is not None else None
-    ddb = torch.zeros(dim, device=dev, dtype=torch.float32) if db is not None else None
+    # Per-tile partial sums (summed below): deterministic, and no atomics in the hot loop.
+    parts = batch * n_tiles
+    dA_part = torch.empty(parts, dim, nstate, device=dev, dtype=torch.float32)
+    dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
+    ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
     dzz = dz if dz is not None else du
     K._bwd_kernel[(batch, n_tiles, groups * nsplit)](
         u, delta, A, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
         seq if seq is not None else dummy, dout, tiles, R,
-        du, ddelta, dzz, dB, dC, dA, dD if dD is not None else dA, ddb if ddb is not None else dA,
+        du, ddelta, dzz, dB, dC, dA_part, dD_part if dD_part is not None else dA_part,
+        ddb_part if ddb_part is not None else dA_part,
         L, dim, nstate, dpg, dps, nsplit,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1), Cg.stride(2),
@@ -224,8 +230,12 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         tiles.stride(0), tiles.stride(1), tiles.stride(2),
         du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1), dzz.stride(0), dzz.stride(1),
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
+        dA_part.stride(0), dim,
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         num_warps=cfg["warps_bwd"], **flags)
+    dA = dA_part.sum(0)
+    dD = dD_part.sum(0) if dD_part is not None else None
+    ddb = ddb_part.sum(0) if ddb_part is not None else None
     if B.dim() == 3:
         dB, dC = dB.squeeze(1), dC.squeeze(1)
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddb, dh0

@@ -1,22 +1,26 @@
 """Triton selective scan: chunked forward and backward kernels.
 
-Design (see DESIGN.md section 4 for why):
-* Time is cut into tiles of T steps. Inside a tile the recurrence h_t = a_t h_{t-1} + b_t is a
-  `tl.associative_scan` over a (channels, N, T) register tile, so the whole chip works on one long
-  sequence instead of one thread block walking a million steps.
-* Forward: tiles are grouped into chunks. Pass 1 (`_chunk_state_kernel`) reduces every chunk to
-  its end state from zero and its total decay; pass 2 (`_state_passing_kernel`, itself a tiled
-  associative scan over chunks) gives every chunk its entering state; pass 3 (`_fwd_kernel`)
-  rescans each chunk from that state, writes out = (C.h + D u) * silu(z) and the state entering
-  every tile (kept for the backward). With enough (batch, channel) programs to fill the GPU the
-  whole sequence is one chunk and passes 1-2 are skipped.
-* Backward recomputes h inside each tile from the saved tile-entry state and computes the adjoint
-  by a reverse scan; the adjoint entering each tile from the right comes from the same two-pass
-  scheme run right to left. One backward program owns one time tile and loops over channel
-  blocks, so dB and dC are reduced over channels in registers and stored once.
-* reverse=True maps logical step tau to position L-1-tau in the pointer arithmetic: no flipped
-  copy of anything is made. seq_idx resets the state (a_t = 0) where the sequence id changes.
-* All offsets are 64-bit.
+Layout. A register tile is (T, BD, N): T time steps x BD channels x N states, with the time axis
+*first*. Triton's default layout spreads lanes and warps over the last axes (N, then channels),
+so every thread owns all T steps of its (channel, state) pairs and `tl.associative_scan` along
+axis 0 runs as a plain sequential loop in registers: no shuffles, no shared memory. (With time
+last, Triton spread it over 32 lanes and 2 warps and the scan cost 5-10x more; measured on H100.)
+
+Passes (DESIGN.md section 4 says why):
+* Forward. Tiles are grouped into chunks. `_chunk_state_kernel` reduces every chunk to its end
+  state from zero and its total decay; `_state_passing_kernel` (a tiled associative scan over
+  chunks) gives every chunk its entering state; `_fwd_kernel` rescans each chunk from that state,
+  writes out = (C.h + D u) * silu(z) and, for the backward, the state entering every tile. When
+  (batch x channel blocks) already fill the GPU the sequence is one chunk and passes 1-2 are skipped.
+* Backward. `_adjoint_tile_kernel` reduces every tile's adjoint from a zero right boundary; the same
+  state-passing kernel run right to left gives the adjoint entering each tile; `_bwd_kernel`, one
+  program per (batch, tile, channel split), recomputes h from the saved tile state, gets
+  q_t = dL/dh_t from one reverse scan over pairs of affine maps (inclusive and exclusive at once,
+  so no shifted a_{t+1} and no second exponential), and loops over channel blocks so dB and dC are
+  reduced over channels in registers and stored once.
+* reverse=True visits physical tiles from the end of the sequence and scans each right to left:
+  loads stay in increasing address order and nothing is flipped in memory.
+* seq_idx resets the state (a_t = 0) where the sequence id changes. All offsets are 64-bit.
 """
 
 from __future__ import annotations
@@ -24,13 +28,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _combine(a1, b1, a2, b2):
-    # Composition of h -> a1 h + b1 then h -> a2 h + b2.
+    # Two steps h -> a h + b; in a reverse scan the first argument is the later segment.
     return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _combine_adjoint(fa1, fb1, ga1, gb1, fa2, fb2, ga2, gb2):
+    # Reverse scan of (F, G): argument 1 is the later segment R, argument 2 the earlier one E.
+    # F = F_E o F_R and G = G_E o F_R, with (al, be) o (al', be') = (al al', al be' + be).
+    return fa2 * fa1, fa2 * fb1 + fb2, ga2 * fa1, ga2 * fb1 + gb2
 
 
 @triton.jit
@@ -39,66 +48,127 @@ def _softplus(x):
 
 
 @triton.jit
-def _positions(tau, L, REVERSE: tl.constexpr):
-    # Logical step -> physical position along L.
+def _tile_positions(k, L, T: tl.constexpr, REVERSE: tl.constexpr):
+    """Physical positions (T,) of logical tile k, always increasing, and the in-range mask."""
     if REVERSE:
-        return L - 1 - tau
+        p = L - (k + 1) * T + tl.arange(0, T)
     else:
-        return tau
+        p = k * T + tl.arange(0, T)
+    p = p.to(tl.int64)
+    return p, (p >= 0) & (p < L)
 
 
 @triton.jit
-def _load_tile(u_ptr, delta_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, tau, mask_t, offs_d, mask_d,
-               s_u_b, s_u_d, s_dl_b, s_dl_d, L,
-               HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr):
-    """u and softplus'd delta for a (BD, T) tile, and the (T,) reset mask."""
-    t = _positions(tau, L, REVERSE).to(tl.int64)
-    m2 = mask_d[:, None] & mask_t[None, :]
-    u = tl.load(u_ptr + pid_b * s_u_b + offs_d[:, None] * s_u_d + t[None, :], mask=m2, other=0.0).to(tl.float32)
-    dt = tl.load(delta_ptr + pid_b * s_dl_b + offs_d[:, None] * s_dl_d + t[None, :], mask=m2, other=0.0).to(tl.float32)
+def _end_index(T: tl.constexpr, REVERSE: tl.constexpr):
+    """Index of the logically last step of a tile (the state it hands on)."""
+    if REVERSE:
+        return 0
+    else:
+        return T - 1
+
+
+@triton.jit
+def _pick(x, idx, T: tl.constexpr):
+    """x[idx] along axis 0 of a (T, BD, N) tile; the axis is in-thread, so this is cheap."""
+    return tl.sum(tl.where((tl.arange(0, T) == idx)[:, None, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _load_td(ptr, base, s_d, offs_d, mask_d, p, mask_t):
+    """(T, BD) tile of a (batch, dim, L) tensor, as float32 (0 outside)."""
+    return tl.load(ptr + base + offs_d[None, :] * s_d + p[:, None],
+                   mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_tn(ptr, base, s_n, offs_n, mask_n, p, mask_t):
+    """(T, N) tile of B or C for one group, as float32."""
+    return tl.load(ptr + base + offs_n[None, :] * s_n + p[:, None],
+                   mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _delta(delta_ptr, base, s_d, offs_d, mask_d, p, mask_t, db_ptr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr):
+    dt = _load_td(delta_ptr, base, s_d, offs_d, mask_d, p, mask_t)
     if HAS_DB:
-        dt += tl.load(db_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
+        dt += tl.load(db_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
     if SOFTPLUS:
         dt = _softplus(dt)
-    dt = tl.where(m2, dt, 0.0)
+    return tl.where(mask_t[:, None] & mask_d[None, :], dt, 0.0)
+
+
+@triton.jit
+def _resets(seq_ptr, s_seq_b, pid_b, p, mask_t, L, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr):
+    """(T,) True where the state restarts: the sequence id differs from the logically previous step."""
     if HAS_SEQ:
-        tp = _positions(tau - 1, L, REVERSE).to(tl.int64)
-        mp = mask_t & (tau > 0)
-        cur = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=mask_t, other=0)
-        prev = tl.load(seq_ptr + pid_b * s_seq_b + tp, mask=mp, other=0)
-        reset = mp & (cur != prev)
+        if REVERSE:
+            q = p + 1
+        else:
+            q = p - 1
+        mq = mask_t & (q >= 0) & (q < L)
+        cur = tl.load(seq_ptr + pid_b * s_seq_b + p, mask=mask_t, other=0)
+        prev = tl.load(seq_ptr + pid_b * s_seq_b + q, mask=mq, other=0)
+        return mq & (cur != prev)
     else:
-        reset = tau < 0
-    return u, dt, reset
+        return p < 0
 
 
 @triton.jit
-def _load_bc(X_ptr, s_b, s_g, s_n, pid_b, g, offs_n, mask_n, tau, mask_t, L, REVERSE: tl.constexpr):
-    t = _positions(tau, L, REVERSE).to(tl.int64)
-    return tl.load(X_ptr + pid_b * s_b + g * s_g + offs_n[:, None] * s_n + t[None, :],
-                   mask=mask_n[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
+def _decay(dt, A2, reset, mask_t):
+    """a = exp(dt A) as (T, BD, N); 0 where the state restarts, 1 outside the sequence."""
+    a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+    a = tl.where(reset[:, None, None], 0.0, a)
+    return tl.where(mask_t[:, None, None], a, 1.0)
+
+
+# ---- forward tiles are (T, N, BD): lanes over channels (coalesced 32-byte loads per lane, no
+# layout conversion for u/delta/z/out), N split over warps, T in-thread. The sum over N then costs
+# a few in-thread adds and one cross-warp step instead of 4 shuffles per element.
+
+@triton.jit
+def _fwd_inputs(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k, L,
+                u_base, s_u_d, dl_base, s_dl_d, z_base, s_z_d, B_base, s_B_n, C_base, s_C_n,
+                offs_d, mask_d, offs_n, mask_n, T: tl.constexpr,
+                HAS_Z: tl.constexpr, LOAD_C: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
+                HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr):
+    """Everything the forward needs of logical tile k (issued together, so it can be prefetched)."""
+    p, mask_t = _tile_positions(k, L, T, REVERSE)
+    u = _load_td(u_ptr, u_base, s_u_d, offs_d, mask_d, p, mask_t)
+    dt = _delta(delta_ptr, dl_base, s_dl_d, offs_d, mask_d, p, mask_t, db_ptr, HAS_DB, SOFTPLUS)
+    Bt = _load_tn(B_ptr, B_base, s_B_n, offs_n, mask_n, p, mask_t)
+    if LOAD_C:
+        Ct = _load_tn(C_ptr, C_base, s_C_n, offs_n, mask_n, p, mask_t)
+    else:
+        Ct = Bt
+    if HAS_Z:
+        zz = _load_td(z_ptr, z_base, s_z_d, offs_d, mask_d, p, mask_t)
+    else:
+        zz = u
+    reset = _resets(seq_ptr, s_seq_b, pid_b, p, mask_t, L, HAS_SEQ, REVERSE)
+    return p, mask_t, u, dt, Bt, Ct, zz, reset
 
 
 @triton.jit
-def _decay_and_input(u, dt, Bt, A2, reset, mask_t):
-    """a = exp(dt A) (reset -> 0, outside L -> 1) and b = dt u B, both (BD, N, T)."""
-    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-    a = tl.where(reset[None, None, :], 0.0, a)
-    a = tl.where(mask_t[None, None, :], a, 1.0)
-    b = (dt * u)[:, None, :] * Bt[None, :, :]
-    return a, b
+def _scan_tnd(u, dt, Bt, A2t, reset, mask_t, h, REVERSE: tl.constexpr):
+    """States h_t for a (T, N, BD) tile from the entering state h (N, BD)."""
+    a = tl.exp2(dt[:, None, :] * A2t[None, :, :])
+    a = tl.where(reset[:, None, None], 0.0, a)
+    a = tl.where(mask_t[:, None, None], a, 1.0)
+    b = (dt * u)[:, None, :] * Bt[:, :, None]
+    a_c, b_c = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
+    return b_c + a_c * h[None, :, :]
+
 
 
 @triton.jit
 def _chunk_state_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, db_ptr, seq_ptr, S_ptr, P_ptr,
     L, DIM, NSTATE, CHUNK_TILES, DIM_PER_GROUP,
-    s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_seq_b,
-    s_S_b, s_S_c, s_S_d,
+    s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_seq_b, s_S_b, s_S_c, s_S_d,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """Pass 1: every chunk's end state from a zero start (S) and its total decay (P)."""
+    """Forward pass 1: each chunk's end state from a zero start (S) and its total decay (P)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2).to(tl.int64)
@@ -106,25 +176,35 @@ def _chunk_state_kernel(
     mask_d = offs_d < DIM
     offs_n = tl.arange(0, BN)
     mask_n = offs_n < NSTATE
+    mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
-    A2 = tl.load(A_ptr + offs_d[:, None] * NSTATE + offs_n[None, :],
-                 mask=mask_d[:, None] & mask_n[None, :], other=0.0) * 1.4426950408889634
-    h = tl.zeros((BD, BN), dtype=tl.float32)
-    p = tl.full((BD, BN), 1.0, dtype=tl.float32)
+    A2t = tl.load(A_ptr + offs_d[None, :] * NSTATE + offs_n[:, None], mask=mnd, other=0.0) * 1.4426950408889634
+    h = tl.zeros((BN, BD), dtype=tl.float32)
+    pr = tl.full((BN, BD), 1.0, dtype=tl.float32)
+    end = _end_index(T, REVERSE)
+    k0 = pid_c * CHUNK_TILES
+    u_base, dl_base, B_base = pid_b * s_u_b, pid_b * s_dl_b, pid_b * s_B_b + g * s_B_g
+    p_n, m_n, u_n, dt_n, B_n, _c, _z, r_n = _fwd_inputs(
+        u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0, L,
+        u_base, s_u_d, dl_base, s_dl_d, 0, 0, B_base, s_B_n, 0, 0,
+        offs_d, mask_d, offs_n, mask_n, T, False, False, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE)
     for i in range(0, CHUNK_TILES):
-        tau = (pid_c * CHUNK_TILES + i) * T + tl.arange(0, T)
-        mask_t = tau < L
-        u, dt, reset = _load_tile(u_ptr, delta_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, tau, mask_t, offs_d, mask_d,
-                                  s_u_b, s_u_d, s_dl_b, s_dl_d, L, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE)
-        Bt = _load_bc(B_ptr, s_B_b, s_B_g, s_B_n, pid_b, g, offs_n, mask_n, tau, mask_t, L, REVERSE)
-        a, b = _decay_and_input(u, dt, Bt, A2, reset, mask_t)
-        a_tot, b_tot = _scan_total(a, b, T, False)
-        h = a_tot * h + b_tot
-        p = a_tot * p
-    off = pid_b * s_S_b + pid_c * s_S_c + offs_d[:, None] * s_S_d + offs_n[None, :]
-    m = mask_d[:, None] & mask_n[None, :]
-    tl.store(S_ptr + off, h, mask=m)
-    tl.store(P_ptr + off, p, mask=m)
+        mask_t, u, dt, Bt, reset = m_n, u_n, dt_n, B_n, r_n
+        p_n, m_n, u_n, dt_n, B_n, _c, _z, r_n = _fwd_inputs(
+            u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0 + i + 1, L,
+            u_base, s_u_d, dl_base, s_dl_d, 0, 0, B_base, s_B_n, 0, 0,
+            offs_d, mask_d, offs_n, mask_n, T, False, False, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE)
+        a = tl.exp2(dt[:, None, :] * A2t[None, :, :])
+        a = tl.where(reset[:, None, None], 0.0, a)
+        a = tl.where(mask_t[:, None, None], a, 1.0)
+        b = (dt * u)[:, None, :] * Bt[:, :, None]
+        a_c, b_c = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
+        a_t, b_t = _pick(a_c, end, T), _pick(b_c, end, T)
+        h = a_t * h + b_t
+        pr = a_t * pr
+    off = pid_b * s_S_b + pid_c * s_S_c + offs_d[None, :] * s_S_d + offs_n[:, None]
+    tl.store(S_ptr + off, h, mask=mnd)
+    tl.store(P_ptr + off, pr, mask=mnd)
 
 
 @triton.jit
@@ -137,9 +217,9 @@ def _state_passing_kernel(
 ):
     """Pass 2: H_in[c] = state entering chunk c, from H[c] = P[c] * H[c-1] + S[c].
 
-    A tiled associative scan over blocks of BC chunks, so thousands of chunks are not a
-    thousands-long dependent chain of memory loads. REVERSE walks the chunks from the last one
-    (the adjoint in the backward). Writes H_in for every chunk and the final state.
+    A tiled associative scan over blocks of BC chunks (chunk axis first, so in-thread), so
+    thousands of chunks are not a thousands-long dependent chain of memory loads. REVERSE walks
+    the chunks from the last one (the adjoint). Writes H_in for every chunk and the final state.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -164,8 +244,7 @@ def _state_passing_kernel(
             c = j.to(tl.int64)
             c_next = c + 1
         mm = mj[:, None, None] & m3
-        # The chunk entering state is the previous chunk's end state: write the first one here,
-        # every later one as the inclusive result of the chunk before it.
+        # Chunk j is entered with chunk j-1's end state: the first here, the others one chunk on.
         first = (j == 0)[:, None, None] & m3
         tl.store(Hin_ptr + base + c[:, None, None] * s_c, h[None, :, :] + tl.zeros((BC, BD, BN), tl.float32),
                  mask=first)
@@ -181,21 +260,10 @@ def _state_passing_kernel(
 
 
 @triton.jit
-def _scan_total(a, b, T: tl.constexpr, RIGHT_TO_LEFT: tl.constexpr):
-    """The composite map (decay, offset) of a whole tile, via an ordered scan along axis 2."""
-    a_c, b_c = tl.associative_scan((a, b), 2, _combine, reverse=RIGHT_TO_LEFT)
-    if RIGHT_TO_LEFT:
-        sel = tl.arange(0, T) == 0
-    else:
-        sel = tl.arange(0, T) == T - 1
-    return tl.sum(tl.where(sel[None, None, :], a_c, 0.0), axis=2), tl.sum(tl.where(sel[None, None, :], b_c, 0.0), axis=2)
-
-
-@triton.jit
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, db_ptr, seq_ptr,
     Hchunk_ptr, out_ptr, Htile_ptr, Hlast_ptr,
-    L, DIM, NSTATE, CHUNK_TILES, DIM_PER_GROUP,
+    L, DIM, NSTATE, CHUNK_TILES, N_TILES, DIM_PER_GROUP,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d,
     s_o_b, s_o_d, s_seq_b,
     s_hc_b, s_hc_c, s_hc_d, s_ht_b, s_ht_c, s_ht_d, s_hl_b, s_hl_d,
@@ -203,7 +271,10 @@ def _fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, HAS_HCHUNK: tl.constexpr, SAVE_TILES: tl.constexpr,
 ):
-    """Pass 3: outputs of one chunk from its entering state; saves every tile's entering state."""
+    """Forward pass 3: outputs of one chunk from its entering state; saves every tile's entering state.
+
+    The next tile's inputs are loaded before the current tile is computed (software prefetch).
+    """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2).to(tl.int64)
@@ -211,49 +282,49 @@ def _fwd_kernel(
     mask_d = offs_d < DIM
     offs_n = tl.arange(0, BN)
     mask_n = offs_n < NSTATE
-    mdn = mask_d[:, None] & mask_n[None, :]
+    mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
-    A2 = tl.load(A_ptr + offs_d[:, None] * NSTATE + offs_n[None, :], mask=mdn, other=0.0) * 1.4426950408889634
+    A2t = tl.load(A_ptr + offs_d[None, :] * NSTATE + offs_n[:, None], mask=mnd, other=0.0) * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     if HAS_HCHUNK:
-        h = tl.load(Hchunk_ptr + pid_b * s_hc_b + pid_c * s_hc_c + offs_d[:, None] * s_hc_d + offs_n[None, :],
-                    mask=mdn, other=0.0)
+        h = tl.load(Hchunk_ptr + pid_b * s_hc_b + pid_c * s_hc_c + offs_d[None, :] * s_hc_d + offs_n[:, None],
+                    mask=mnd, other=0.0)
     else:
-        h = tl.zeros((BD, BN), dtype=tl.float32)
-    last_t = tl.arange(0, T) == T - 1
-    for i in range(0, CHUNK_TILES):
-        tile = pid_c * CHUNK_TILES + i
+        h = tl.zeros((BN, BD), dtype=tl.float32)
+    end = _end_index(T, REVERSE)
+    k0 = pid_c * CHUNK_TILES
+    n_here = tl.minimum(CHUNK_TILES, N_TILES - k0)  # the last chunk may be short
+    u_base, dl_base, z_base = pid_b * s_u_b, pid_b * s_dl_b, pid_b * s_z_b
+    B_base, C_base = pid_b * s_B_b + g * s_B_g, pid_b * s_C_b + g * s_C_g
+    p_n, m_n, u_n, dt_n, B_n, C_n, z_n, r_n = _fwd_inputs(
+        u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0, L,
+        u_base, s_u_d, dl_base, s_dl_d, z_base, s_z_d, B_base, s_B_n, C_base, s_C_n,
+        offs_d, mask_d, offs_n, mask_n, T, HAS_Z, True, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE)
+    for i in range(0, n_here):
+        p, mask_t, u, dt, Bt, Ct, zz, reset = p_n, m_n, u_n, dt_n, B_n, C_n, z_n, r_n
+        p_n, m_n, u_n, dt_n, B_n, C_n, z_n, r_n = _fwd_inputs(
+            u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0 + i + 1, L,
+            u_base, s_u_d, dl_base, s_dl_d, z_base, s_z_d, B_base, s_B_n, C_base, s_C_n,
+            offs_d, mask_d, offs_n, mask_n, T, HAS_Z, True, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE)
         if SAVE_TILES:
-            if tile * T < L:  # the last chunk may hold fewer tiles
-                tl.store(Htile_ptr + pid_b * s_ht_b + tile * s_ht_c + offs_d[:, None] * s_ht_d + offs_n[None, :],
-                         h, mask=mdn)
-        tau = tile * T + tl.arange(0, T)
-        mask_t = tau < L
-        u, dt, reset = _load_tile(u_ptr, delta_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, tau, mask_t, offs_d, mask_d,
-                                  s_u_b, s_u_d, s_dl_b, s_dl_d, L, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE)
-        Bt = _load_bc(B_ptr, s_B_b, s_B_g, s_B_n, pid_b, g, offs_n, mask_n, tau, mask_t, L, REVERSE)
-        Ct = _load_bc(C_ptr, s_C_b, s_C_g, s_C_n, pid_b, g, offs_n, mask_n, tau, mask_t, L, REVERSE)
-        a, b = _decay_and_input(u, dt, Bt, A2, reset, mask_t)
-        a_cum, h_loc = tl.associative_scan((a, b), 2, _combine)
-        hs = h_loc + a_cum * h[:, :, None]                      # (BD, N, T)
-        y = tl.sum(hs * Ct[None, :, :], axis=1)                 # (BD, T)
+            tl.store(Htile_ptr + pid_b * s_ht_b + (k0 + i) * s_ht_c + offs_d[None, :] * s_ht_d + offs_n[:, None],
+                     h, mask=mnd)
+        hs = _scan_tnd(u, dt, Bt, A2t, reset, mask_t, h, REVERSE)  # (T, N, BD)
+        y = tl.sum(hs * Ct[:, :, None], axis=1)                     # (T, BD)
         if HAS_D:
-            y += Dv[:, None] * u
-        t = _positions(tau, L, REVERSE).to(tl.int64)
-        m2 = mask_d[:, None] & mask_t[None, :]
+            y += Dv[None, :] * u
         if HAS_Z:
-            zz = tl.load(z_ptr + pid_b * s_z_b + offs_d[:, None] * s_z_d + t[None, :], mask=m2, other=0.0).to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
-        tl.store(out_ptr + pid_b * s_o_b + offs_d[:, None] * s_o_d + t[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=m2)
-        h = tl.sum(tl.where(last_t[None, None, :], hs, 0.0), axis=2)
+        tl.store(out_ptr + pid_b * s_o_b + offs_d[None, :] * s_o_d + p[:, None],
+                 y.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+        h = _pick(hs, end, T)
     if pid_c == tl.num_programs(2) - 1:
-        tl.store(Hlast_ptr + pid_b * s_hl_b + offs_d[:, None] * s_hl_d + offs_n[None, :], h, mask=mdn)
+        tl.store(Hlast_ptr + pid_b * s_hl_b + offs_d[None, :] * s_hl_d + offs_n[:, None], h, mask=mnd)
 
 
 @triton.jit
-def _adjoint_tile_state_kernel(
+def _adjoint_tile_kernel(
     u_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, S_ptr, P_ptr,
     L, DIM, NSTATE, DIM_PER_GROUP,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_do_b, s_do_d, s_seq_b,
@@ -262,13 +333,13 @@ def _adjoint_tile_state_kernel(
     HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
-    """Backward pass 1: per tile, r at the tile start from a zero right boundary, and the decay.
+    """Backward pass 1: per tile, r at its logical start from a zero right boundary, and its decay.
 
-    r_t = a_t (C_t dy_t + r_{t+1}) is the gradient reaching h_{t-1}; it runs right to left.
+    r_t = a_t (C_t dy_t + r_{t+1}) is the gradient reaching h_{t-1}; it runs against the scan.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    tile = tl.program_id(2).to(tl.int64)
+    k = tl.program_id(2).to(tl.int64)
     offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)
     mask_d = offs_d < DIM
     offs_n = tl.arange(0, BN)
@@ -276,26 +347,21 @@ def _adjoint_tile_state_kernel(
     mdn = mask_d[:, None] & mask_n[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
     A2 = tl.load(A_ptr + offs_d[:, None] * NSTATE + offs_n[None, :], mask=mdn, other=0.0) * 1.4426950408889634
-    tau = tile * T + tl.arange(0, T)
-    mask_t = tau < L
-    u, dt, reset = _load_tile(u_ptr, delta_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, tau, mask_t, offs_d, mask_d,
-                              s_u_b, s_u_d, s_dl_b, s_dl_d, L, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE)
-    Ct = _load_bc(C_ptr, s_C_b, s_C_g, s_C_n, pid_b, g, offs_n, mask_n, tau, mask_t, L, REVERSE)
-    t = _positions(tau, L, REVERSE).to(tl.int64)
-    m2 = mask_d[:, None] & mask_t[None, :]
-    dy = tl.load(dout_ptr + pid_b * s_do_b + offs_d[:, None] * s_do_d + t[None, :], mask=m2, other=0.0).to(tl.float32)
+    p, mask_t = _tile_positions(k, L, T, REVERSE)
+    dt = _delta(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t, db_ptr, HAS_DB, SOFTPLUS)
+    Ct = _load_tn(C_ptr, pid_b * s_C_b + g * s_C_g, s_C_n, offs_n, mask_n, p, mask_t)
+    dy = _load_td(dout_ptr, pid_b * s_do_b, s_do_d, offs_d, mask_d, p, mask_t)
     if HAS_Z:
-        zz = tl.load(z_ptr + pid_b * s_z_b + offs_d[:, None] * s_z_d + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        zz = _load_td(z_ptr, pid_b * s_z_b, s_z_d, offs_d, mask_d, p, mask_t)
         dy = dy * zz * tl.sigmoid(zz)
-    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-    a = tl.where(reset[None, None, :], 0.0, a)
-    a = tl.where(mask_t[None, None, :], a, 1.0)
-    c = a * (dy[:, None, :] * Ct[None, :, :])
-    # r_t = a_t r_{t+1} + a_t c_t, composed right to left over the tile.
-    p_tot, r_tot = _scan_total(a, c, T, True)
-    off = pid_b * s_S_b + tile * s_S_c + offs_d[:, None] * s_S_d + offs_n[None, :]
-    tl.store(S_ptr + off, r_tot, mask=mdn)
-    tl.store(P_ptr + off, p_tot, mask=mdn)
+    a = _decay(dt, A2, _resets(seq_ptr, s_seq_b, pid_b, p, mask_t, L, HAS_SEQ, REVERSE), mask_t)
+    c = a * (dy[:, :, None] * Ct[:, None, :])
+    # The adjoint runs opposite to the scan: right to left for a forward scan.
+    a_c, r_c = tl.associative_scan((a, c), 0, _combine, reverse=not REVERSE)
+    start = _end_index(T, not REVERSE)
+    off = pid_b * s_S_b + k * s_S_c + offs_d[:, None] * s_S_d + offs_n[None, :]
+    tl.store(S_ptr + off, _pick(r_c, start, T), mask=mdn)
+    tl.store(P_ptr + off, _pick(a_c, start, T), mask=mdn)
 
 
 @triton.jit
@@ -308,97 +374,96 @@ def _bwd_kernel(
     s_do_b, s_do_d, s_seq_b,
     s_h_b, s_h_c, s_h_d,
     s_du_b, s_du_d, s_ddl_b, s_ddl_d, s_dz_b, s_dz_d, s_dB_b, s_dB_g, s_dB_n, s_dC_b, s_dC_g, s_dC_n,
+    s_dA_t, s_dD_t,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, ATOMIC_BC: tl.constexpr,
 ):
-    """Backward pass 3: all gradients of one time tile, looping over the channels of a split."""
+    """Backward pass 3: all gradients of one time tile, looping over the channels of a split.
+
+    dA, dD and d(delta_bias) are written as per-tile partial sums (row `tile` of their buffers)
+    and summed afterwards: no atomics on the hot path.
+    """
     pid_b = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     offs_n = tl.arange(0, BN)
     mask_n = offs_n < NSTATE
-    tau = tile * T + tl.arange(0, T)
-    mask_t = tau < L
-    t = _positions(tau, L, REVERSE).to(tl.int64)
-    # The next logical step, for the adjoint's a_{t+1}; inside the tile only (the last step of
-    # the tile takes the boundary adjoint, which already carries a_{t+1}).
-    tau1 = tau + 1
-    inner = (tl.arange(0, T) < T - 1) & (tau1 < L)
+    p, mask_t = _tile_positions(k, L, T, REVERSE)
+    reset = _resets(seq_ptr, s_seq_b, pid_b, p, mask_t, L, HAS_SEQ, REVERSE)
     g = (pid_s // NSPLIT).to(tl.int64)
     d_start = g * DIM_PER_GROUP + (pid_s % NSPLIT) * DIM_PER_SPLIT
     d_end = tl.minimum(d_start + DIM_PER_SPLIT, (g + 1) * DIM_PER_GROUP)
-    Bt = _load_bc(B_ptr, s_B_b, s_B_g, s_B_n, pid_b, g, offs_n, mask_n, tau, mask_t, L, REVERSE)
-    Ct = _load_bc(C_ptr, s_C_b, s_C_g, s_C_n, pid_b, g, offs_n, mask_n, tau, mask_t, L, REVERSE)
-    dB_acc = tl.zeros((BN, T), dtype=tl.float32)
-    dC_acc = tl.zeros((BN, T), dtype=tl.float32)
+    Bt = _load_tn(B_ptr, pid_b * s_B_b + g * s_B_g, s_B_n, offs_n, mask_n, p, mask_t)
+    Ct = _load_tn(C_ptr, pid_b * s_C_b + g * s_C_g, s_C_n, offs_n, mask_n, p, mask_t)
+    dB_acc = tl.zeros((T, BN), dtype=tl.float32)
+    dC_acc = tl.zeros((T, BN), dtype=tl.float32)
+    part = (pid_b * tl.num_programs(1) + k)                     # row of the partial-sum buffers
     for d0 in range(d_start, d_end, BD):
         offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
         mask_d = offs_d < d_end
         mdn = mask_d[:, None] & mask_n[None, :]
-        m2 = mask_d[:, None] & mask_t[None, :]
+        m2 = mask_t[:, None] & mask_d[None, :]
         A = tl.load(A_ptr + offs_d[:, None] * NSTATE + offs_n[None, :], mask=mdn, other=0.0)
-        A2 = A * 1.4426950408889634
-        u, dt, reset = _load_tile(u_ptr, delta_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, tau, mask_t, offs_d, mask_d,
-                                  s_u_b, s_u_d, s_dl_b, s_dl_d, L, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE)
-        _u1, dt1, reset1 = _load_tile(u_ptr, delta_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, tau1, inner, offs_d, mask_d,
-                                      s_u_b, s_u_d, s_dl_b, s_dl_d, L, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE)
-        a, b = _decay_and_input(u, dt, Bt, A2, reset, mask_t)
-        a1 = tl.exp2(dt1[:, None, :] * A2[:, :, None])
-        a1 = tl.where(reset1[None, None, :], 0.0, a1)
-        a1 = tl.where(inner[None, None, :], a1, 1.0)
-        hoff = pid_b * s_h_b + tile * s_h_c + offs_d[:, None] * s_h_d + offs_n[None, :]
+        u = _load_td(u_ptr, pid_b * s_u_b, s_u_d, offs_d, mask_d, p, mask_t)
+        dt = _delta(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t, db_ptr, HAS_DB, SOFTPLUS)
+        a = _decay(dt, A * 1.4426950408889634, reset, mask_t)
+        b = (dt * u)[:, :, None] * Bt[:, None, :]
+        hoff = pid_b * s_h_b + k * s_h_c + offs_d[:, None] * s_h_d + offs_n[None, :]
         h0 = tl.load(Htile_ptr + hoff, mask=mdn, other=0.0)
         r0 = tl.load(Rtile_ptr + hoff, mask=mdn, other=0.0)
-        a_cum, h_loc = tl.associative_scan((a, b), 2, _combine)
-        hs = h_loc + a_cum * h0[:, :, None]                       # h_t, (BD, N, T)
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
-        dout = tl.load(dout_ptr + pid_b * s_do_b + offs_d[:, None] * s_do_d + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        a_c, h_loc = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
+        hs = h_loc + a_c * h0[None, :, :]                        # h_t, (T, BD, N)
+        y = tl.sum(hs * Ct[:, None, :], axis=2)
+        dout = _load_td(dout_ptr, pid_b * s_do_b, s_do_d, offs_d, mask_d, p, mask_t)
         if HAS_D:
             Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
-            y += Dv[:, None] * u
+            y += Dv[None, :] * u
         if HAS_Z:
-            zz = tl.load(z_ptr + pid_b * s_z_b + offs_d[:, None] * s_z_d + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            zz = _load_td(z_ptr, pid_b * s_z_b, s_z_d, offs_d, mask_d, p, mask_t)
             sig = tl.sigmoid(zz)
             dy = dout * zz * sig
             dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
-            tl.store(dz_ptr + pid_b * s_dz_b + offs_d[:, None] * s_dz_d + t[None, :],
+            tl.store(dz_ptr + pid_b * s_dz_b + offs_d[None, :] * s_dz_d + p[:, None],
                      dz.to(dz_ptr.dtype.element_ty), mask=m2)
         else:
             dy = dout
-        c = dy[:, None, :] * Ct[None, :, :]
-        # q_t = dL/dh_t = C_t dy_t + a_{t+1} q_{t+1}; the tile's last step adds the boundary r0.
-        al_cum, q_loc = tl.associative_scan((a1, c), 2, _combine, reverse=True)
-        q = q_loc + al_cum * r0[:, :, None]
+        c = dy[:, :, None] * Ct[:, None, :]
+        # q_t = c_t + r_{t+1} with r_t = a_t (c_t + r_{t+1}): per step the maps f_t(x) = a_t x + a_t c_t
+        # and g_t(x) = x + c_t; the reverse scan of (f, g) pairs gives q_t = G_t(r0) for every t.
+        ones = tl.full((T, BD, BN), 1.0, dtype=tl.float32)
+        fa, fb, ga, gb = tl.associative_scan((a, a * c, ones, c), 0, _combine_adjoint, reverse=not REVERSE)
+        q = ga * r0[None, :, :] + gb
         qh = q * (hs - b)                                         # q_t a_t h_{t-1}
-        qh = tl.where(mask_t[None, None, :], qh, 0.0)
-        ddt = tl.sum(q * Bt[None, :, :], axis=1) * u + tl.sum(qh * A[:, :, None], axis=1)
-        du = tl.sum(q * Bt[None, :, :], axis=1) * dt
+        qb = tl.sum(q * Bt[:, None, :], axis=2)                   # (T, BD)
+        ddt = qb * u + tl.sum(qh * A[None, :, :], axis=2)
+        du = qb * dt
         if HAS_D:
-            du += Dv[:, None] * dy
-            tl.atomic_add(dD_ptr + offs_d, tl.sum(tl.where(m2, dy * u, 0.0), axis=1), mask=mask_d)
-        tl.atomic_add(dA_ptr + offs_d[:, None] * NSTATE + offs_n[None, :],
-                      tl.sum(qh * dt[:, None, :], axis=2), mask=mdn)
-        dB_acc += tl.sum(q * (dt * u)[:, None, :], axis=0)
-        dC_acc += tl.sum(hs * dy[:, None, :], axis=0)
+            du += Dv[None, :] * dy
+            tl.store(dD_ptr + part * s_dD_t + offs_d, tl.sum(tl.where(m2, dy * u, 0.0), axis=0), mask=mask_d)
+        tl.store(dA_ptr + part * s_dA_t + offs_d[:, None] * NSTATE + offs_n[None, :],
+                 tl.sum(qh * dt[:, :, None], axis=0), mask=mdn)
+        dB_acc += tl.sum(q * (dt * u)[:, :, None], axis=1)
+        dC_acc += tl.sum(hs * dy[:, :, None], axis=1)
         if HAS_DB or SOFTPLUS:
-            raw = tl.load(delta_ptr + pid_b * s_dl_b + offs_d[:, None] * s_dl_d + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            raw = _load_td(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t)
             if HAS_DB:
-                raw += tl.load(db_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
+                raw += tl.load(db_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
             if SOFTPLUS:
                 ddt = tl.where(raw > 20.0, ddt, ddt * tl.sigmoid(raw))
         ddt = tl.where(m2, ddt, 0.0)
         if HAS_DB:
-            tl.atomic_add(ddb_ptr + offs_d, tl.sum(ddt, axis=1), mask=mask_d)
-        tl.store(du_ptr + pid_b * s_du_b + offs_d[:, None] * s_du_d + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(ddelta_ptr + pid_b * s_ddl_b + offs_d[:, None] * s_ddl_d + t[None, :],
+            tl.store(ddb_ptr + part * s_dD_t + offs_d, tl.sum(ddt, axis=0), mask=mask_d)
+        tl.store(du_ptr + pid_b * s_du_b + offs_d[None, :] * s_du_d + p[:, None], du.to(du_ptr.dtype.element_ty),
+                 mask=m2)
+        tl.store(ddelta_ptr + pid_b * s_ddl_b + offs_d[None, :] * s_ddl_d + p[:, None],
                  ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
-    mnt = mask_n[:, None] & mask_t[None, :]
-    dBo = dB_ptr + pid_b * s_dB_b + g * s_dB_g + offs_n[:, None] * s_dB_n + t[None, :]
-    dCo = dC_ptr + pid_b * s_dC_b + g * s_dC_g + offs_n[:, None] * s_dC_n + t[None, :]
+    mtn = mask_t[:, None] & mask_n[None, :]
+    dBo = dB_ptr + pid_b * s_dB_b + g * s_dB_g + offs_n[None, :] * s_dB_n + p[:, None]
+    dCo = dC_ptr + pid_b * s_dC_b + g * s_dC_g + offs_n[None, :] * s_dC_n + p[:, None]
     if ATOMIC_BC:
-        tl.atomic_add(dBo, dB_acc, mask=mnt)
-        tl.atomic_add(dCo, dC_acc, mask=mnt)
+        tl.atomic_add(dBo, dB_acc, mask=mtn)
+        tl.atomic_add(dCo, dC_acc, mask=mtn)
     else:
-        tl.store(dBo, dB_acc, mask=mnt)
-        tl.store(dCo, dC_acc, mask=mnt)
+        tl.store(dBo, dB_acc, mask=mtn)
+        tl.store(dCo, dC_acc, mask=mtn)
