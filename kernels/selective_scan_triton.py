@@ -336,6 +336,7 @@ def _adjoint_tile_kernel(
     """Backward pass 1: per tile, r at its logical start from a zero right boundary, and its decay.
 
     r_t = a_t (C_t dy_t + r_{t+1}) is the gradient reaching h_{t-1}; it runs against the scan.
+    Tiles are (T, N, BD) like the forward's.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -344,9 +345,9 @@ def _adjoint_tile_kernel(
     mask_d = offs_d < DIM
     offs_n = tl.arange(0, BN)
     mask_n = offs_n < NSTATE
-    mdn = mask_d[:, None] & mask_n[None, :]
+    mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
-    A2 = tl.load(A_ptr + offs_d[:, None] * NSTATE + offs_n[None, :], mask=mdn, other=0.0) * 1.4426950408889634
+    A2t = tl.load(A_ptr + offs_d[None, :] * NSTATE + offs_n[:, None], mask=mnd, other=0.0) * 1.4426950408889634
     p, mask_t = _tile_positions(k, L, T, REVERSE)
     dt = _delta(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t, db_ptr, HAS_DB, SOFTPLUS)
     Ct = _load_tn(C_ptr, pid_b * s_C_b + g * s_C_g, s_C_n, offs_n, mask_n, p, mask_t)
@@ -354,14 +355,17 @@ def _adjoint_tile_kernel(
     if HAS_Z:
         zz = _load_td(z_ptr, pid_b * s_z_b, s_z_d, offs_d, mask_d, p, mask_t)
         dy = dy * zz * tl.sigmoid(zz)
-    a = _decay(dt, A2, _resets(seq_ptr, s_seq_b, pid_b, p, mask_t, L, HAS_SEQ, REVERSE), mask_t)
-    c = a * (dy[:, :, None] * Ct[:, None, :])
+    reset = _resets(seq_ptr, s_seq_b, pid_b, p, mask_t, L, HAS_SEQ, REVERSE)
+    a = tl.exp2(dt[:, None, :] * A2t[None, :, :])
+    a = tl.where(reset[:, None, None], 0.0, a)
+    a = tl.where(mask_t[:, None, None], a, 1.0)
+    c = a * (dy[:, None, :] * Ct[:, :, None])
     # The adjoint runs opposite to the scan: right to left for a forward scan.
     a_c, r_c = tl.associative_scan((a, c), 0, _combine, reverse=not REVERSE)
     start = _end_index(T, not REVERSE)
-    off = pid_b * s_S_b + k * s_S_c + offs_d[:, None] * s_S_d + offs_n[None, :]
-    tl.store(S_ptr + off, _pick(r_c, start, T), mask=mdn)
-    tl.store(P_ptr + off, _pick(a_c, start, T), mask=mdn)
+    off = pid_b * s_S_b + k * s_S_c + offs_d[None, :] * s_S_d + offs_n[:, None]
+    tl.store(S_ptr + off, _pick(r_c, start, T), mask=mnd)
+    tl.store(P_ptr + off, _pick(a_c, start, T), mask=mnd)
 
 
 @triton.jit
@@ -381,8 +385,9 @@ def _bwd_kernel(
 ):
     """Backward pass 3: all gradients of one time tile, looping over the channels of a split.
 
-    dA, dD and d(delta_bias) are written as per-tile partial sums (row `tile` of their buffers)
-    and summed afterwards: no atomics on the hot path.
+    Tiles are (T, N, BD). dB and dC are accumulated per channel lane across the loop and reduced
+    over channels once at the end. dA, dD and d(delta_bias) are written as per-tile partial sums
+    (row `part` of their buffers) and summed afterwards: no atomics on the hot path.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1).to(tl.int64)
@@ -396,25 +401,28 @@ def _bwd_kernel(
     d_end = tl.minimum(d_start + DIM_PER_SPLIT, (g + 1) * DIM_PER_GROUP)
     Bt = _load_tn(B_ptr, pid_b * s_B_b + g * s_B_g, s_B_n, offs_n, mask_n, p, mask_t)
     Ct = _load_tn(C_ptr, pid_b * s_C_b + g * s_C_g, s_C_n, offs_n, mask_n, p, mask_t)
-    dB_acc = tl.zeros((T, BN), dtype=tl.float32)
-    dC_acc = tl.zeros((T, BN), dtype=tl.float32)
+    dB_acc = tl.zeros((T, BN, BD), dtype=tl.float32)
+    dC_acc = tl.zeros((T, BN, BD), dtype=tl.float32)
     part = (pid_b * tl.num_programs(1) + k)                     # row of the partial-sum buffers
     for d0 in range(d_start, d_end, BD):
         offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
         mask_d = offs_d < d_end
-        mdn = mask_d[:, None] & mask_n[None, :]
+        mnd = mask_n[:, None] & mask_d[None, :]
         m2 = mask_t[:, None] & mask_d[None, :]
-        A = tl.load(A_ptr + offs_d[:, None] * NSTATE + offs_n[None, :], mask=mdn, other=0.0)
+        At = tl.load(A_ptr + offs_d[None, :] * NSTATE + offs_n[:, None], mask=mnd, other=0.0)   # (N, BD)
         u = _load_td(u_ptr, pid_b * s_u_b, s_u_d, offs_d, mask_d, p, mask_t)
         dt = _delta(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t, db_ptr, HAS_DB, SOFTPLUS)
-        a = _decay(dt, A * 1.4426950408889634, reset, mask_t)
-        b = (dt * u)[:, :, None] * Bt[:, None, :]
-        hoff = pid_b * s_h_b + k * s_h_c + offs_d[:, None] * s_h_d + offs_n[None, :]
-        h0 = tl.load(Htile_ptr + hoff, mask=mdn, other=0.0)
-        r0 = tl.load(Rtile_ptr + hoff, mask=mdn, other=0.0)
+        a = tl.exp2(dt[:, None, :] * (At * 1.4426950408889634)[None, :, :])
+        a = tl.where(reset[:, None, None], 0.0, a)
+        a = tl.where(mask_t[:, None, None], a, 1.0)
+        dtu = dt * u
+        b = dtu[:, None, :] * Bt[:, :, None]
+        hoff = pid_b * s_h_b + k * s_h_c + offs_d[None, :] * s_h_d + offs_n[:, None]
+        h0 = tl.load(Htile_ptr + hoff, mask=mnd, other=0.0)
+        r0 = tl.load(Rtile_ptr + hoff, mask=mnd, other=0.0)
         a_c, h_loc = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
-        hs = h_loc + a_c * h0[None, :, :]                        # h_t, (T, BD, N)
-        y = tl.sum(hs * Ct[:, None, :], axis=2)
+        hs = h_loc + a_c * h0[None, :, :]                        # h_t, (T, N, BD)
+        y = tl.sum(hs * Ct[:, :, None], axis=1)                  # (T, BD)
         dout = _load_td(dout_ptr, pid_b * s_do_b, s_do_d, offs_d, mask_d, p, mask_t)
         if HAS_D:
             Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
@@ -428,23 +436,23 @@ def _bwd_kernel(
                      dz.to(dz_ptr.dtype.element_ty), mask=m2)
         else:
             dy = dout
-        c = dy[:, :, None] * Ct[:, None, :]
+        c = dy[:, None, :] * Ct[:, :, None]
         # q_t = c_t + r_{t+1} with r_t = a_t (c_t + r_{t+1}): per step the maps f_t(x) = a_t x + a_t c_t
         # and g_t(x) = x + c_t; the reverse scan of (f, g) pairs gives q_t = G_t(r0) for every t.
-        ones = tl.full((T, BD, BN), 1.0, dtype=tl.float32)
+        ones = tl.full((T, BN, BD), 1.0, dtype=tl.float32)
         fa, fb, ga, gb = tl.associative_scan((a, a * c, ones, c), 0, _combine_adjoint, reverse=not REVERSE)
         q = ga * r0[None, :, :] + gb
         qh = q * (hs - b)                                         # q_t a_t h_{t-1}
-        qb = tl.sum(q * Bt[:, None, :], axis=2)                   # (T, BD)
-        ddt = qb * u + tl.sum(qh * A[None, :, :], axis=2)
+        qb = tl.sum(q * Bt[:, :, None], axis=1)                   # (T, BD)
+        ddt = qb * u + tl.sum(qh * At[None, :, :], axis=1)
         du = qb * dt
         if HAS_D:
             du += Dv[None, :] * dy
             tl.store(dD_ptr + part * s_dD_t + offs_d, tl.sum(tl.where(m2, dy * u, 0.0), axis=0), mask=mask_d)
-        tl.store(dA_ptr + part * s_dA_t + offs_d[:, None] * NSTATE + offs_n[None, :],
-                 tl.sum(qh * dt[:, :, None], axis=0), mask=mdn)
-        dB_acc += tl.sum(q * (dt * u)[:, :, None], axis=1)
-        dC_acc += tl.sum(hs * dy[:, :, None], axis=1)
+        tl.store(dA_ptr + part * s_dA_t + offs_d[None, :] * NSTATE + offs_n[:, None],
+                 tl.sum(qh * dt[:, None, :], axis=0), mask=mnd)
+        dB_acc += q * dtu[:, None, :]
+        dC_acc += hs * dy[:, None, :]
         if HAS_DB or SOFTPLUS:
             raw = _load_td(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t)
             if HAS_DB:
@@ -461,9 +469,11 @@ def _bwd_kernel(
     mtn = mask_t[:, None] & mask_n[None, :]
     dBo = dB_ptr + pid_b * s_dB_b + g * s_dB_g + offs_n[None, :] * s_dB_n + p[:, None]
     dCo = dC_ptr + pid_b * s_dC_b + g * s_dC_g + offs_n[None, :] * s_dC_n + p[:, None]
+    dB_tn = tl.sum(dB_acc, axis=2)
+    dC_tn = tl.sum(dC_acc, axis=2)
     if ATOMIC_BC:
-        tl.atomic_add(dBo, dB_acc, mask=mtn)
-        tl.atomic_add(dCo, dC_acc, mask=mtn)
+        tl.atomic_add(dBo, dB_tn, mask=mtn)
+        tl.atomic_add(dCo, dC_tn, mask=mtn)
     else:
-        tl.store(dBo, dB_acc, mask=mtn)
-        tl.store(dCo, dC_acc, mask=mtn)
+        tl.store(dBo, dB_tn, mask=mtn)
+        tl.store(dCo, dC_tn, mask=mtn)
