@@ -119,6 +119,37 @@ def check_long(dim=1536, L=1 << 20):
     return e
 
 
+def check_long_grad(dim=64, L=1 << 20, eps=1e-2):
+    """Backward at 1 Mb (131,072 tiles: past the 65,535 grid-axis limit and 32-bit tile offsets).
+
+    Autograd's directional derivative <grad, v> against a central finite difference of the
+    forward, in float64 arithmetic on the loss (inputs fp32); both sides run the Triton path.
+    """
+    t = make_inputs(1, dim, L, torch.float32, grad=True)
+    args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    w = torch.randn(1, dim, L, device="cuda")
+    loss = (selective_scan(*args, delta_softplus=True) * w).double().sum()
+    loss.backward()
+    worst = 0.0
+    for name, i in (("u", 0), ("delta", 1), ("B", 3), ("C", 4), ("A", 2)):
+        v = torch.randn_like(args[i])
+        analytic = (args[i].grad.double() * v.double()).sum().item()
+        with torch.no_grad():
+            plus = [a.detach().clone() for a in args]
+            minus = [a.detach().clone() for a in args]
+            plus[i] += eps * v
+            minus[i] -= eps * v
+            fp = (selective_scan(*plus, delta_softplus=True).double() * w).sum().item()
+            fm = (selective_scan(*minus, delta_softplus=True).double() * w).sum().item()
+        numeric = (fp - fm) / (2 * eps)
+        err = abs(analytic - numeric) / max(abs(numeric), 1e-30)
+        worst = max(worst, err)
+        print(f"  check backward (1, {dim}, {L}) d{name}: directional derivative {analytic:.6e} vs finite "
+              f"difference {numeric:.6e} (rel {err:.1e})")
+    if not worst < 1e-3:
+        sys.exit("long-sequence gradient check failed")
+
+
 def time_shape(batch, dim, L, bench):
     t = make_inputs(batch, dim, L, torch.bfloat16, grad=True)
     args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
@@ -144,12 +175,31 @@ def time_shape(batch, dim, L, bench):
                 fwd_gexp=exps / f / 1e6, fwd_bwd_gexp=2 * exps / fb / 1e6)
 
 
+def profile_shape(batch, dim, L):
+    """Where the time goes: GPU time per kernel for one forward+backward (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t = make_inputs(batch, dim, L, torch.bfloat16, grad=True)
+    args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    dout = torch.randn(batch, dim, L, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        selective_scan(*args, delta_softplus=True).backward(dout)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        selective_scan(*args, delta_softplus=True).backward(dout)
+        torch.cuda.synchronize()
+    print(f"profile {(batch, dim, L)}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only the two smallest shapes")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     ap.add_argument("--shapes", default=None, help="e.g. '1,512,131072;8,1536,2048'")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-kernel GPU time of one forward+backward on each shape (torch.profiler)")
     ap.add_argument("--sweep", default=None,
                     help="tile configs 'T,BD,BD_BWD,warps,warps_bwd;...' timed on --shapes before the table")
     args = ap.parse_args(argv)
@@ -168,9 +218,16 @@ def main(argv=None):
         check_conv(torch.float32, 1e-5)
         check_conv(torch.bfloat16, 1e-2)
         check_long()
+        torch.cuda.empty_cache()
+        check_long_grad()
+        torch.cuda.empty_cache()
     shapes = SHAPES[:2] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    if args.profile:
+        for shp in shapes:
+            profile_shape(*shp)
+        return
     if args.sweep:
         for tiles in args.sweep.split(";"):
             os.environ["GENOMAMBA_SCAN_TILES"] = tiles

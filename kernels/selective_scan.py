@@ -105,6 +105,9 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
         n_chunks = 1 if per_chunk >= target else min(n_tiles, triton.cdiv(target, per_chunk))
         chunk_tiles = triton.cdiv(n_tiles, n_chunks)
     n_chunks = triton.cdiv(n_tiles, chunk_tiles)
+    if n_chunks > 65535:  # chunks sit on grid axis 2
+        chunk_tiles = triton.cdiv(n_tiles, 65535)
+        n_chunks = triton.cdiv(n_tiles, chunk_tiles)
     dev = u.device
     out = torch.empty_like(u)
     last = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
@@ -183,7 +186,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     # Pass 1: each tile's adjoint contribution from a zero right boundary, and its decay.
     S = torch.empty(batch, n_tiles, dim, nstate, device=dev, dtype=torch.float32)
     P = torch.empty_like(S)
-    K._adjoint_tile_kernel[(batch, triton.cdiv(dim, BD), n_tiles)](
+    K._adjoint_tile_kernel[(n_tiles, batch, triton.cdiv(dim, BD))](
         u, delta, A, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
         L, dim, nstate, dpg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Cg.stride(0), Cg.stride(1), Cg.stride(2),
@@ -218,7 +221,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
     ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
     dzz = dz if dz is not None else du
-    K._bwd_kernel[(batch, n_tiles, groups * nsplit)](
+    K._bwd_kernel[(n_tiles, batch, groups * nsplit)](
         u, delta, A, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
         seq if seq is not None else dummy, dout, tiles, R,
         du, ddelta, dzz, dB, dC, dA_part, dD_part if dD_part is not None else dA_part,

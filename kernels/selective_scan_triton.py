@@ -336,11 +336,12 @@ def _adjoint_tile_kernel(
     """Backward pass 1: per tile, r at its logical start from a zero right boundary, and its decay.
 
     r_t = a_t (C_t dy_t + r_{t+1}) is the gradient reaching h_{t-1}; it runs against the scan.
-    Tiles are (T, N, BD) like the forward's.
+    Tiles are (T, N, BD) like the forward's. Grid: (tiles, batch, channel blocks); tiles go on
+    axis 0 because a 1 Mb sequence has more tiles than the 65,535 allowed on axes 1 and 2.
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    k = tl.program_id(2).to(tl.int64)
+    k = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2)
     offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)
     mask_d = offs_d < DIM
     offs_n = tl.arange(0, BN)
@@ -369,6 +370,31 @@ def _adjoint_tile_kernel(
 
 
 @triton.jit
+def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
+                pid_b, k, d0, d_end, offs_n, mask_n, p, mask_t, NSTATE,
+                s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_h_b, s_h_c, s_h_d,
+                BD: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr):
+    """Raw loads of one channel block for the backward (issued one block ahead: prefetch)."""
+    offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
+    mask_d = offs_d < d_end
+    mnd = mask_n[:, None] & mask_d[None, :]
+    At = tl.load(A_ptr + offs_d[None, :] * NSTATE + offs_n[:, None], mask=mnd, other=0.0)
+    u = _load_td(u_ptr, pid_b * s_u_b, s_u_d, offs_d, mask_d, p, mask_t)
+    raw = _load_td(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t)
+    if HAS_DB:
+        raw += tl.load(db_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
+    dout = _load_td(dout_ptr, pid_b * s_do_b, s_do_d, offs_d, mask_d, p, mask_t)
+    if HAS_Z:
+        zz = _load_td(z_ptr, pid_b * s_z_b, s_z_d, offs_d, mask_d, p, mask_t)
+    else:
+        zz = dout
+    hoff = pid_b * s_h_b + k * s_h_c + offs_d[None, :] * s_h_d + offs_n[:, None]
+    h0 = tl.load(Htile_ptr + hoff, mask=mnd, other=0.0)
+    r0 = tl.load(Rtile_ptr + hoff, mask=mnd, other=0.0)
+    return offs_d, mask_d, At, u, raw, dout, zz, h0, r0
+
+
+@triton.jit
 def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, db_ptr, seq_ptr, dout_ptr,
     Htile_ptr, Rtile_ptr,
@@ -389,8 +415,8 @@ def _bwd_kernel(
     over channels once at the end. dA, dD and d(delta_bias) are written as per-tile partial sums
     (row `part` of their buffers) and summed afterwards: no atomics on the hot path.
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
+    k = tl.program_id(0).to(tl.int64)            # tiles on axis 0 (more than 65,535 at 1 Mb)
+    pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     offs_n = tl.arange(0, BN)
     mask_n = offs_n < NSTATE
@@ -403,32 +429,38 @@ def _bwd_kernel(
     Ct = _load_tn(C_ptr, pid_b * s_C_b + g * s_C_g, s_C_n, offs_n, mask_n, p, mask_t)
     dB_acc = tl.zeros((T, BN, BD), dtype=tl.float32)
     dC_acc = tl.zeros((T, BN, BD), dtype=tl.float32)
-    part = (pid_b * tl.num_programs(1) + k)                     # row of the partial-sum buffers
+    part = (pid_b * tl.num_programs(0) + k)                     # row of the partial-sum buffers
+    o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n = _bwd_inputs(
+        u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
+        pid_b, k, d_start, d_end, offs_n, mask_n, p, mask_t, NSTATE,
+        s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_h_b, s_h_c, s_h_d,
+        BD, HAS_Z, HAS_DB)
     for d0 in range(d_start, d_end, BD):
-        offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
-        mask_d = offs_d < d_end
+        offs_d, mask_d, At, u, raw, dout, zz, h0, r0 = o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n
+        o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n = _bwd_inputs(
+            u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
+            pid_b, k, d0 + BD, d_end, offs_n, mask_n, p, mask_t, NSTATE,
+            s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_h_b, s_h_c, s_h_d,
+            BD, HAS_Z, HAS_DB)
         mnd = mask_n[:, None] & mask_d[None, :]
         m2 = mask_t[:, None] & mask_d[None, :]
-        At = tl.load(A_ptr + offs_d[None, :] * NSTATE + offs_n[:, None], mask=mnd, other=0.0)   # (N, BD)
-        u = _load_td(u_ptr, pid_b * s_u_b, s_u_d, offs_d, mask_d, p, mask_t)
-        dt = _delta(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t, db_ptr, HAS_DB, SOFTPLUS)
+        if SOFTPLUS:
+            dt = _softplus(raw)
+        else:
+            dt = raw
+        dt = tl.where(m2, dt, 0.0)
         a = tl.exp2(dt[:, None, :] * (At * 1.4426950408889634)[None, :, :])
         a = tl.where(reset[:, None, None], 0.0, a)
         a = tl.where(mask_t[:, None, None], a, 1.0)
         dtu = dt * u
         b = dtu[:, None, :] * Bt[:, :, None]
-        hoff = pid_b * s_h_b + k * s_h_c + offs_d[None, :] * s_h_d + offs_n[:, None]
-        h0 = tl.load(Htile_ptr + hoff, mask=mnd, other=0.0)
-        r0 = tl.load(Rtile_ptr + hoff, mask=mnd, other=0.0)
         a_c, h_loc = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
         hs = h_loc + a_c * h0[None, :, :]                        # h_t, (T, N, BD)
         y = tl.sum(hs * Ct[:, :, None], axis=1)                  # (T, BD)
-        dout = _load_td(dout_ptr, pid_b * s_do_b, s_do_d, offs_d, mask_d, p, mask_t)
         if HAS_D:
             Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
             y += Dv[None, :] * u
         if HAS_Z:
-            zz = _load_td(z_ptr, pid_b * s_z_b, s_z_d, offs_d, mask_d, p, mask_t)
             sig = tl.sigmoid(zz)
             dy = dout * zz * sig
             dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
@@ -453,12 +485,8 @@ def _bwd_kernel(
                  tl.sum(qh * dt[:, None, :], axis=0), mask=mnd)
         dB_acc += q * dtu[:, None, :]
         dC_acc += hs * dy[:, None, :]
-        if HAS_DB or SOFTPLUS:
-            raw = _load_td(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t)
-            if HAS_DB:
-                raw += tl.load(db_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
-            if SOFTPLUS:
-                ddt = tl.where(raw > 20.0, ddt, ddt * tl.sigmoid(raw))
+        if SOFTPLUS:
+            ddt = tl.where(raw > 20.0, ddt, ddt * tl.sigmoid(raw))
         ddt = tl.where(m2, ddt, 0.0)
         if HAS_DB:
             tl.store(ddb_ptr + part * s_dD_t + offs_d, tl.sum(ddt, axis=0), mask=mask_d)
