@@ -193,15 +193,15 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), seq_stride,
         S.stride(0), S.stride(1), S.stride(2),
         BD=BD, BN=BN, T=T, HAS_Z=z is not None, num_warps=cfg["warps"], **flags)
-    # Pass 2: the adjoint entering every tile from the right (and the initial-state gradient).
-    R = torch.empty_like(S)
+    # Pass 2: the adjoint entering every tile from the right (and the initial-state gradient),
+    # written over S: at 1 Mb each per-tile state buffer is 8 bytes per (channel, position).
+    R = S
     dh0 = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     dl = None if dlast is None else dlast.float().contiguous()
     K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]))](
         S, P, dl if dl is not None else dummy, R, dh0,
         n_tiles, dim, nstate, S.stride(0), S.stride(1), S.stride(2), dh0.stride(0), dh0.stride(1),
         BC=cfg["BC"], BD=cfg["BD_PASS"], BN=BN, HAS_H0=dl is not None, REVERSE=True, num_warps=cfg["warps"])
-    del S, P
     # Pass 3: every gradient, one program per (batch, tile, channel split).
     if nsplit is None:
         target = _target_programs(dev)
@@ -217,7 +217,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     dC = alloc(Cg.shape, device=dev, dtype=torch.float32)
     # Per-tile partial sums (summed below): deterministic, and no atomics in the hot loop.
     parts = batch * n_tiles
-    dA_part = torch.empty(parts, dim, nstate, device=dev, dtype=torch.float32)
+    dA_part = P.view(parts, dim, nstate)  # P is no longer needed: reuse its memory
     dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
     ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
     dzz = dz if dz is not None else du

@@ -244,17 +244,16 @@ def _state_passing_kernel(
             c = j.to(tl.int64)
             c_next = c + 1
         mm = mj[:, None, None] & m3
-        # Chunk j is entered with chunk j-1's end state: the first here, the others one chunk on.
-        first = (j == 0)[:, None, None] & m3
-        tl.store(Hin_ptr + base + c[:, None, None] * s_c, h[None, :, :] + tl.zeros((BC, BD, BN), tl.float32),
-                 mask=first)
         s = tl.load(S_ptr + base + c[:, None, None] * s_c, mask=mm, other=0.0)
         p = tl.load(P_ptr + base + c[:, None, None] * s_c, mask=mm, other=1.0)
+        # Every store below targets a chunk of this block and depends on the loads above, so
+        # H_in may share memory with S (the backward does that to save a state-sized buffer).
+        first = (j == c0)[:, None, None] & m3          # the block is entered with the carry
+        tl.store(Hin_ptr + base + c[:, None, None] * s_c, h[None, :, :] + 0.0 * s, mask=first)
         p_cum, s_cum = tl.associative_scan((p, s), 0, _combine)
-        h_after = s_cum + p_cum * h[None, :, :]        # state after chunk j
-        tl.store(Hin_ptr + base + c_next[:, None, None] * s_c, h_after,
-                 mask=mm & ((j + 1) < NCHUNK)[:, None, None])
+        h_after = s_cum + p_cum * h[None, :, :]        # state after chunk j = entering j + 1
         j_last = tl.minimum(c0 + BC, NCHUNK) - 1
+        tl.store(Hin_ptr + base + c_next[:, None, None] * s_c, h_after, mask=mm & (j < j_last)[:, None, None])
         h = tl.sum(tl.where((j == j_last)[:, None, None], h_after, 0.0), axis=0)
     tl.store(Hlast_ptr + pid_b * s_h0_b + offs_d[:, None] * s_h0_d + offs_n[None, :], h, mask=mdn)
 

@@ -177,3 +177,13 @@ def test_bad_arguments():
         selective_scan(*args, seq_idx=torch.zeros(2, 5, dtype=torch.int32))
     with pytest.raises(ValueError, match="rise from 0"):
         seq_idx_from_cu_seqlens(torch.tensor([0, 50, 40]), 40)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_many_tiles_in_place_state_passing(reverse):
+    """25 tiles: the backward's state passing runs over several blocks, writing over its input."""
+    L = 200
+    ids = torch.zeros(1, L, dtype=torch.int32)
+    ids[:, 70:] = 1
+    ids[:, 133:] = 2
+    compare(make(batch=1, dim=4, L=L), 1e-5, reverse=reverse, seq_idx=ids)
