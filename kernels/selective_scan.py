@@ -51,12 +51,18 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
         return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=4, BN=bn, warps=1, warps_bwd=1)
-    cfg = dict(T=8, BD=64, BD_BWD=16, BC=16, BD_PASS=8, BN=bn, warps=4, warps_bwd=4)
-    override = os.environ.get("GENOMAMBA_SCAN_TILES")  # "T,BD,BD_BWD,warps,warps_bwd", for tuning
+    cfg = dict(T=8, BD=64, BD_BWD=16, BC=16, BD_PASS=8, BN=bn, warps=4, warps_bwd=4, maxnreg_bwd=0)
+    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd]" (maxnreg 0 = the compiler's choice).
+    override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
-        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd")
+        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd")
         cfg.update({k: int(v) for k, v in zip(keys, override.split(","))})
     return cfg
+
+
+def _reg_cap(maxnreg: int, device: torch.device) -> dict:
+    """Launch option capping registers per thread (more CTAs per SM); CUDA only."""
+    return {"maxnreg": maxnreg} if maxnreg and device.type == "cuda" else {}
 
 
 def _target_programs(device: torch.device) -> int:
@@ -235,7 +241,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
         dA_part.stride(0), dim,
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
-        num_warps=cfg["warps_bwd"], **flags)
+        num_warps=cfg["warps_bwd"], **flags, **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if dD_part is not None else None
     ddb = ddb_part.sum(0) if ddb_part is not None else None
