@@ -51,7 +51,7 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
         return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=4, BN=bn, warps=1, warps_bwd=1)
-    cfg = dict(T=8, BD=64, BD_BWD=16, BC=16, BD_PASS=8, BN=bn, warps=4, warps_bwd=4, maxnreg_bwd=0)
+    cfg = dict(T=8, BD=64, BD_BWD=8, BC=16, BD_PASS=8, BN=bn, warps=4, warps_bwd=1, maxnreg_bwd=0)
     # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd]" (maxnreg 0 = the compiler's choice).
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
