@@ -1,0 +1,129 @@
+"""Mamba mixer and the bidirectional (Caduceus) mixer on the genomamba_kernels ops.
+
+Shapes: x (batch, L, d); inside, channels-first (batch, d_inner, L) as the kernels want.
+The reverse direction runs the conv and the scan with reverse=True: no flipped activations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from genomamba_kernels import causal_conv1d, selective_scan
+
+
+class SSMDirection(nn.Module):
+    """The per-direction parameters of a Mamba mixer: conv1d, x_proj, dt_proj, A_log, D."""
+
+    def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int, dt_min: float, dt_max: float,
+                 dt_init_floor: float):
+        super().__init__()
+        self.d_state, self.dt_rank = d_state, dt_rank
+        self.conv_weight = nn.Parameter(torch.empty(d_inner, d_conv))
+        self.conv_bias = nn.Parameter(torch.empty(d_inner))
+        bound = 1 / math.sqrt(d_conv)  # nn.Conv1d's default init for a depthwise conv
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        nn.init.uniform_(self.conv_bias, -bound, bound)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        # S4D-real: A = -(1, 2, ..., N) for every channel; A = -exp(A_log).
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+
+    def conv(self, xi, seq_idx=None, reverse=False):
+        """Depthwise conv + SiLU; anti-causal for the reverse direction."""
+        return causal_conv1d(xi, self.conv_weight, self.conv_bias, seq_idx, activation="silu", reverse=reverse)
+
+    def scan(self, x, z, *, seq_idx=None, reverse=False, initial_state=None, return_last_state=False):
+        """x (after conv), z: (batch, d_inner, L) -> x_proj, dt_proj, selective scan, gate by silu(z)."""
+        x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)                    # (batch, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)                      # (batch, d_inner, L)
+        B = B.transpose(1, 2).contiguous()                                          # (batch, N, L)
+        C = C.transpose(1, 2).contiguous()
+        A = -torch.exp(self.A_log.float())
+        return selective_scan(x, dt, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+                              delta_softplus=True, return_last_state=return_last_state,
+                              initial_state=initial_state, reverse=reverse, seq_idx=seq_idx)
+
+    def forward(self, xi, z, *, seq_idx=None, reverse=False):
+        """xi, z: (batch, d_inner, L) -> y (batch, d_inner, L)."""
+        return self.scan(self.conv(xi, seq_idx, reverse), z, seq_idx=seq_idx, reverse=reverse)
+
+
+class BiMambaMixer(nn.Module):
+    """in_proj -> [forward direction (+ reverse direction)] -> out_proj, directions added.
+
+    With tied projections (Caduceus) the reverse direction reads the same in_proj output, so it
+    is computed once, and out_proj (linear, no bias) is applied once to the sum.
+    """
+
+    def __init__(self, d_model: int, cfg):
+        super().__init__()
+        d_inner = cfg.expand * d_model
+        self.d_inner, self.d_conv = d_inner, cfg.d_conv
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        args = (d_inner, cfg.d_state, cfg.d_conv, cfg.resolved_dt_rank, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+        self.fwd = SSMDirection(*args)
+        self.rev = SSMDirection(*args) if cfg.bidirectional else None
+        self.untied = cfg.bidirectional and not cfg.tie_in_out_proj
+        if self.untied:
+            self.in_proj_rev = nn.Linear(d_model, 2 * d_inner, bias=False)
+            self.out_proj_rev = nn.Linear(d_inner, d_model, bias=False)
+
+    def _split(self, proj, x):
+        xz = proj(x).transpose(1, 2)                                                 # (batch, 2*d_inner, L)
+        return xz[:, : self.d_inner], xz[:, self.d_inner:]
+
+    def forward(self, x, seq_idx=None):
+        xi, z = self._split(self.in_proj, x)
+        y = self.fwd(xi, z, seq_idx=seq_idx)
+        if self.rev is None:
+            return self.out_proj(y.transpose(1, 2))
+        if self.untied:
+            xr, zr = self._split(self.in_proj_rev, x)
+            yr = self.rev(xr, zr, seq_idx=seq_idx, reverse=True)
+            return self.out_proj(y.transpose(1, 2)) + self.out_proj_rev(yr.transpose(1, 2))
+        y = y + self.rev(xi, z, seq_idx=seq_idx, reverse=True)
+        return self.out_proj(y.transpose(1, 2))
+
+    def forward_chunked(self, x, chunk_len: int, seq_idx=None):
+        """Same result as forward() with activations for only `chunk_len` positions at a time.
+
+        The forward direction walks chunks left to right carrying its conv context (the last
+        d_conv-1 inputs) and its scan state; the reverse direction walks right to left. A state
+        carried over a chunk boundary that is also a sequence boundary (seq_idx) is reset.
+        """
+        L = x.shape[1]
+        out = torch.zeros_like(x)
+        k = self.d_conv - 1
+        directions = [(self.fwd, False, self.in_proj, self.out_proj)]
+        if self.rev is not None:
+            directions.append((self.rev, True, self.in_proj_rev if self.untied else self.in_proj,
+                               self.out_proj_rev if self.untied else self.out_proj))
+        for ssm, reverse, proj_in, proj_out in directions:
+            starts = list(range(0, L, chunk_len))
+            state = None
+            for s in (reversed(starts) if reverse else starts):
+                e = min(s + chunk_len, L)
+                lo, hi = (s, min(e + k, L)) if reverse else (max(s - k, 0), e)  # chunk plus conv context
+                xi, z = self._split(proj_in, x[:, lo:hi])
+                sidx = seq_idx[:, lo:hi] if seq_idx is not None else None
+                xc = ssm.conv(xi, sidx, reverse)
+                keep = slice(0, e - s) if reverse else slice(s - lo, hi - lo)
+                if state is not None and seq_idx is not None:
+                    before, first = (seq_idx[:, e], seq_idx[:, e - 1]) if reverse else (seq_idx[:, s - 1], seq_idx[:, s])
+                    state = state * (before == first).to(state.dtype)[:, None, None]
+                y, state = ssm.scan(xc[..., keep], z[..., keep], seq_idx=sidx[:, keep] if sidx is not None else None,
+                                    reverse=reverse, initial_state=state, return_last_state=True)
+                out[:, s:e] += proj_out(y.transpose(1, 2))
+        return out

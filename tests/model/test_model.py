@@ -1,0 +1,249 @@
+"""BiMamba model on CPU (PyTorch scan path unless stated): the properties DESIGN.md asks for."""
+
+import json
+
+import pytest
+import torch
+
+from genomamba import tokenizer
+from genomamba.errors import InputError
+from genomamba.io import Fasta
+from genomamba.model import (BiMambaConfig, BiMambaForMaskedLM, BiMambaForSequenceClassification,
+                             BiMambaForTokenClassification, BiMambaForVariantClassification, BiMambaModel,
+                             from_pretrained, save_pretrained)
+from genomamba.model.rcps import complement_index
+
+
+def ids(batch, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(tokenizer.A_ID, tokenizer.N_ID, (batch, L), generator=g)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return BiMambaConfig(**{"d_model": 16, "n_layer": 2, **kw})
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(a, b, atol=tol, rtol=tol)
+
+
+def test_shapes_and_determinism():
+    m = BiMambaForMaskedLM(tiny()).eval()
+    x = ids(3, 37)
+    out = m(x)
+    assert out.shape == (3, 37, 16)
+    assert torch.equal(out, m(x))
+
+
+@pytest.mark.parametrize("rc", [False, True])
+def test_right_padding_does_not_leak_into_the_reverse_direction(rc):
+    m = BiMambaModel(tiny(rc_equivariant=rc)).eval()
+    x = ids(2, 40)
+    n = 25
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, n:] = False
+    padded = x.clone()
+    padded[1, n:] = tokenizer.PAD_ID
+    batch = m(padded, mask)
+    alone = m(x[1:2, :n])
+    assert close(batch[1, :n], alone[0])
+    assert close(batch[0], m(x[:1])[0])
+
+
+def test_unmasked_padding_would_leak():
+    """The check above can fail: without the mask, padding changes the real positions."""
+    m = BiMambaModel(tiny()).eval()
+    x = ids(1, 40)
+    padded = x.clone()
+    padded[0, 25:] = tokenizer.PAD_ID
+    assert not close(m(padded)[0, :25], m(x[:, :25])[0])
+
+
+def test_rcps_equivariance_of_logits():
+    m = BiMambaForMaskedLM(tiny(rc_equivariant=True)).eval()
+    x = ids(2, 33)
+    comp = complement_index()
+    logits = m(x)
+    rc_logits = m(tokenizer.reverse_complement(x))
+    assert close(rc_logits, logits.flip(1)[..., comp], 1e-5)
+
+
+def test_rcps_equivariance_of_hidden_states():
+    m = BiMambaModel(tiny(rc_equivariant=True)).eval()
+    x = ids(2, 30)
+    assert close(m(tokenizer.reverse_complement(x)), m(x).flip(1, 2))
+
+
+def test_non_rcps_model_is_not_equivariant():
+    m = BiMambaForMaskedLM(tiny()).eval()
+    x = ids(1, 30)
+    assert not close(m(tokenizer.reverse_complement(x)), m(x).flip(1)[..., complement_index()], 1e-3)
+
+
+def test_conjoining_makes_any_model_rc_invariant():
+    m = BiMambaForSequenceClassification(tiny(), num_classes=3, conjoin=True).eval()
+    x = ids(2, 30)
+    assert close(m(x), m(tokenizer.reverse_complement(x)))
+    tok = BiMambaForTokenClassification(tiny(), conjoin=True).eval()
+    assert close(tok(tokenizer.reverse_complement(x)), tok(x).flip(1))
+    lm = BiMambaForMaskedLM(tiny()).eval()
+    assert close(lm(tokenizer.reverse_complement(x), conjoin=True), lm(x, conjoin=True).flip(1)[..., complement_index()])
+
+
+@pytest.mark.parametrize("pool", ["mean", "max", "first", "last", "none"])
+def test_embed_pooling(pool):
+    m = BiMambaModel(tiny()).eval()
+    x = ids(2, 20)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 12:] = False
+    e = m.embed(x, mask, pool=pool)
+    assert e.shape == ((2, 20, 16) if pool == "none" else (2, 16))
+    if pool == "last":
+        assert close(e[1], m(x, mask)[1, 11].float())
+
+
+def test_rcps_mean_embedding_is_strand_invariant():
+    m = BiMambaModel(tiny(rc_equivariant=True)).eval()
+    x = ids(2, 25)
+    assert close(m.embed(x), m.embed(tokenizer.reverse_complement(x)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = ids(2, 24)
+    grads = []
+    for ckpt in (False, True):
+        m = BiMambaForMaskedLM(tiny(gradient_checkpointing=ckpt)).train()
+        m(x).logsumexp(-1).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("rc", [False, True])
+def test_chunked_inference_equals_one_shot(rc):
+    m = BiMambaForMaskedLM(tiny(rc_equivariant=rc)).eval()
+    x = ids(2, 53)
+    mask = torch.ones(2, 53, dtype=torch.bool)
+    mask[1, 40:] = False
+    with torch.no_grad():
+        assert close(m(x, mask), m(x, mask, chunk_len=8), 1e-5)
+        assert close(m(x), m(x, chunk_len=5), 1e-5)
+
+
+def test_untied_projections_and_unidirectional():
+    x = ids(1, 20)
+    for cfg in (tiny(tie_in_out_proj=False), tiny(bidirectional=False)):
+        m = BiMambaModel(cfg).eval()
+        with torch.no_grad():
+            assert close(m(x), m(x, chunk_len=6))
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    m = BiMambaForSequenceClassification(tiny(rc_equivariant=True), num_classes=3, pooling="max").eval()
+    save_pretrained(m, tmp_path / "model")
+    m2 = from_pretrained(tmp_path / "model").eval()
+    assert type(m2) is type(m) and m2.head_config == m.head_config
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    x = ids(2, 30)
+    assert torch.equal(m(x), m2(x))
+    lm = BiMambaForMaskedLM(tiny()).eval()
+    save_pretrained(lm, tmp_path / "lm")
+    lm2 = from_pretrained(tmp_path / "lm")
+    assert lm2.lm_weight() is lm2.backbone.embedding.weight  # still tied after loading
+    assert torch.equal(lm(x), lm2(x))
+
+
+def test_load_errors(tmp_path):
+    m = BiMambaForMaskedLM(tiny())
+    d = save_pretrained(m, tmp_path / "m")
+    meta = json.loads((d / "config.json").read_text())
+    with pytest.raises(InputError, match="not found"):
+        from_pretrained(tmp_path / "nothing")
+    (d / "model.safetensors").rename(d / "w.bak")
+    with pytest.raises(InputError, match="no model.safetensors"):
+        from_pretrained(d)
+    (d / "w.bak").rename(d / "model.safetensors")
+    for version, hint in ((2, "upgrade genomamba"), (0, "re-save")):
+        (d / "config.json").write_text(json.dumps({**meta, "format_version": version}))
+        with pytest.raises(InputError, match=hint):
+            from_pretrained(d)
+    (d / "config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "d_model": 32}}))
+    with pytest.raises(InputError, match="shape mismatch"):
+        from_pretrained(d)
+    (d / "config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "colour": "blue"}}))
+    with pytest.raises(InputError, match="unknown model config key"):
+        from_pretrained(d)
+    (d / "config.json").unlink()
+    with pytest.raises(InputError, match="no config.json"):
+        from_pretrained(d)
+
+
+def test_config_validation():
+    with pytest.raises(InputError, match="must be even"):
+        BiMambaConfig(d_model=15, rc_equivariant=True)
+    with pytest.raises(InputError, match="bidirectional_strategy"):
+        BiMambaConfig(bidirectional_strategy="concat")
+    with pytest.raises(InputError, match="dt_rank"):
+        BiMambaConfig(dt_rank=0)
+    assert BiMambaConfig(d_model=118).resolved_dt_rank == 8
+
+
+def test_parameter_counts_match_caduceus():
+    n = lambda cfg: sum(p.numel() for p in BiMambaForMaskedLM(cfg).parameters())  # noqa: E731
+    small = n(BiMambaConfig(d_model=118, n_layer=4))
+    large = n(BiMambaConfig(d_model=256, n_layer=16))
+    assert abs(small - 470_000) / 470_000 < 0.03, small
+    assert abs(large - 7_700_000) / 7_700_000 < 0.03, large
+
+
+def test_variant_head():
+    m = BiMambaForVariantClassification(tiny(), num_classes=2).eval()
+    ref = ids(3, 41)
+    alt = ref.clone()
+    alt[:, 20] = tokenizer.reverse_complement(ref[:, 20:21])[:, 0]
+    out = m(ref, alt, torch.full((3,), 20))
+    assert out.shape == (3, 2)
+
+
+def test_triton_kernels_inside_the_model_match_torch(monkeypatch):
+    """The model code does not change with the backend: Triton (interpreter) equals PyTorch."""
+    m = BiMambaForMaskedLM(BiMambaConfig(d_model=8, n_layer=1, d_state=4)).eval()
+    x = ids(1, 20)
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    mask[0, 15:] = False
+    monkeypatch.setenv("GENOMAMBA_SCAN_BACKEND", "torch")
+    ref = m(x, mask)
+    ref.sum().backward()
+    g_ref = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    monkeypatch.setenv("GENOMAMBA_SCAN_BACKEND", "triton")
+    out = m(x, mask)
+    out.sum().backward()
+    assert close(out, ref, 1e-5)
+    for k, p in m.named_parameters():
+        assert torch.allclose(p.grad, g_ref[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_tiny_model_overfits_lambda_windows(data):
+    """Masked-LM on four real 128 bp lambda windows with fixed masks: the loss falls decisively."""
+    fa = Fasta(data / "lambda_phage_NC_001416.fa.gz")
+    name = fa.names()[0]
+    x = torch.stack([torch.from_numpy(fa.fetch_ids(name, s, s + 128)) for s in (0, 10_000, 20_000, 30_000)])
+    g = torch.Generator().manual_seed(0)
+    masked = torch.rand(x.shape, generator=g) < 0.15
+    inp = x.masked_fill(masked, tokenizer.MASK_ID)
+    torch.manual_seed(0)
+    m = BiMambaForMaskedLM(BiMambaConfig(d_model=32, n_layer=2))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        logits = m(inp)
+        loss = torch.nn.functional.cross_entropy(logits[masked], x[masked])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 2.0 and losses[-1] < 0.5 * losses[0], losses[::8]
