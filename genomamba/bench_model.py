@@ -67,11 +67,24 @@ def main(argv=None):
     ap.add_argument("--train-lengths", default="131072", help="comma-separated")
     ap.add_argument("--infer-lengths", default="131072,1048576", help="comma-separated")
     ap.add_argument("--checkpointing", action="store_true", help="per-layer gradient checkpointing")
+    ap.add_argument("--profile", type=int, default=0, help="print per-kernel GPU time of one inference at this L")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_model needs a CUDA GPU")
     cfg = BiMambaConfig(d_model=args.d_model, n_layer=args.n_layer, gradient_checkpointing=args.checkpointing)
     model = BiMambaForMaskedLM(cfg).cuda()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        ids = torch.randint(7, 11, (1, args.profile), device="cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(ids)
+                torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=50))
+        return
     n = sum(p.numel() for p in model.parameters())
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}; "
           f"d_model {args.d_model}, {args.n_layer} layers, {n / 1e6:.2f} M parameters, "

@@ -49,7 +49,9 @@ class Block(nn.Module):
         residual = hidden if residual is None else hidden + residual
         if self.residual_in_fp32:
             residual = residual.float()
-        normed = self.norm(residual.to(hidden.dtype))
+        # Normalise in the residual's precision (fp32 with fp32 norm weights keeps RMSNorm on its
+        # fused path); autocast casts the result for the projections that follow.
+        normed = self.norm(residual if self.residual_in_fp32 else residual.to(hidden.dtype))
         return self.mixer(normed, seq_idx=seq_idx, chunk_len=chunk_len), residual
 
 
@@ -87,7 +89,7 @@ class BiMambaModel(nn.Module):
             else:
                 hidden, residual = layer(hidden, residual, seq_idx, chunk_len)
         residual = hidden + residual
-        return self.norm_f(residual.to(hidden.dtype))
+        return self.norm_f(residual if self.config.residual_in_fp32 else residual.to(hidden.dtype))
 
     @torch.no_grad()
     def embed(self, input_ids, attention_mask=None, *, pool: str = "mean", chunk_len: int | None = None):
