@@ -10,7 +10,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from genomamba_kernels import causal_conv1d, selective_scan
 
@@ -44,11 +43,10 @@ class SSMDirection(nn.Module):
 
     def scan(self, x, z, *, seq_idx=None, reverse=False, initial_state=None, return_last_state=False):
         """x (after conv), z: (batch, d_inner, L) -> x_proj, dt_proj, selective scan, gate by silu(z)."""
-        x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)                    # (batch, L, R + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)                      # (batch, d_inner, L)
-        B = B.transpose(1, 2).contiguous()                                          # (batch, N, L)
-        C = C.transpose(1, 2).contiguous()
+        # Channels-first products (W @ x) keep L contiguous, so the kernels need no copies.
+        x_dbl = torch.matmul(self.x_proj.weight, x)                                  # (batch, R + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = torch.matmul(self.dt_proj.weight, dt)                                   # (batch, d_inner, L)
         A = -torch.exp(self.A_log.float())
         return selective_scan(x, dt, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
                               delta_softplus=True, return_last_state=return_last_state,
@@ -81,7 +79,7 @@ class BiMambaMixer(nn.Module):
             self.out_proj_rev = nn.Linear(d_inner, d_model, bias=False)
 
     def _split(self, proj, x):
-        xz = proj(x).transpose(1, 2)                                                 # (batch, 2*d_inner, L)
+        xz = torch.matmul(proj.weight, x.transpose(1, 2))                            # (batch, 2*d_inner, L)
         return xz[:, : self.d_inner], xz[:, self.d_inner:]
 
     def forward(self, x, seq_idx=None):
