@@ -64,6 +64,23 @@ def _cmd_windows(args) -> int:
     return 0
 
 
+def _cmd_model_info(args) -> int:
+    """Parameter counts of model configs (and of their RC-equivariant variant)."""
+    import dataclasses
+
+    from .model import BiMambaForMaskedLM, load_model_config
+
+    print("| config | d_model | layers | RCPS | parameters (masked LM) | same with rc_equivariant toggled |")
+    print("|---|---|---|---|---|---|")
+    for path in args.configs:
+        cfg = load_model_config(path)
+        count = lambda c: sum(p.numel() for p in BiMambaForMaskedLM(c).parameters())  # noqa: E731
+        other = dataclasses.replace(cfg, rc_equivariant=not cfg.rc_equivariant)
+        print(f"| {path} | {cfg.d_model} | {cfg.n_layer} | {'yes' if cfg.rc_equivariant else 'no'} | "
+              f"{count(cfg):,} | {count(other):,} |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="genomamba",
@@ -87,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--lenient", action="store_true", help="map non-IUPAC characters to [UNK] instead of failing")
     w.add_argument("--out", help="write the kept windows here as BED (atomically)")
     w.set_defaults(func=_cmd_windows)
+
+    mi = sub.add_parser("model-info", help="parameter counts of model configs",
+                        description="Print the parameter count of each YAML config's `model:` section, "
+                                    "and of its reverse-complement-equivariant (RCPS) variant.")
+    mi.add_argument("configs", nargs="+", help="YAML files with a `model:` section (see configs/)")
+    mi.set_defaults(func=_cmd_model_info)
     return p
 
 

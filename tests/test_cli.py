@@ -37,3 +37,12 @@ def test_bad_input_exit_code_and_no_partial_output(tmp_path, data):
     assert r.returncode == 2 and "past the contig end" in r.stderr and not out.exists()
     r = run("windows", str(data / "oct4_chipseq_peaks_200bp_test.fa.gz"), "--out", str(out))
     assert r.returncode == 2 and "bgzip" in r.stderr and not out.exists()
+
+
+def test_model_info_prints_parameter_counts(capsys):
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "caduceus_1k.yaml"
+    assert main(["model-info", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "470,702" in out and "| 118 | 4 |" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from ..errors import InputError
 from ..tokenizer import PAD_ID, VOCAB_SIZE
@@ -76,3 +77,19 @@ class BiMambaConfig:
         if unknown:
             raise InputError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}", path=source)
         return cls(**data)
+
+
+def load_model_config(path) -> BiMambaConfig:
+    """The `model:` section of a YAML config file (unknown keys are an error naming them)."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("config file not found", path=path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML: {exc}", path=path) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise InputError("the config needs a `model:` section", path=path)
+    return BiMambaConfig.from_dict(data["model"], source=str(path))

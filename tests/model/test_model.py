@@ -247,3 +247,27 @@ def test_tiny_model_overfits_lambda_windows(data):
         opt.step()
         losses.append(loss.item())
     assert losses[0] > 2.0 and losses[-1] < 0.5 * losses[0], losses[::8]
+
+
+def test_shipped_configs_load_with_caduceus_sizes():
+    from pathlib import Path
+
+    from genomamba.model import load_model_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    n = lambda cfg: sum(p.numel() for p in BiMambaForMaskedLM(cfg).parameters())  # noqa: E731
+    assert abs(n(load_model_config(configs / "caduceus_1k.yaml")) - 470_000) < 0.03 * 470_000
+    assert abs(n(load_model_config(configs / "caduceus_131k.yaml")) - 7_700_000) < 0.03 * 7_700_000
+    assert load_model_config(configs / "caduceus_131k_rcps.yaml").rc_equivariant
+    assert load_model_config(configs / "long_1m.yaml").gradient_checkpointing
+
+
+def test_bad_yaml_config(tmp_path):
+    from genomamba.model import load_model_config
+
+    (tmp_path / "x.yaml").write_text("model:\n  d_model: 64\n  n_layers: 4\n")
+    with pytest.raises(InputError, match=r"unknown model config key\(s\) \['n_layers'\]"):
+        load_model_config(tmp_path / "x.yaml")
+    (tmp_path / "y.yaml").write_text("trainer: {}\n")
+    with pytest.raises(InputError, match="model:"):
+        load_model_config(tmp_path / "y.yaml")
