@@ -46,3 +46,17 @@ def test_model_info_prints_parameter_counts(capsys):
     assert main(["model-info", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "470,702" in out and "| 118 | 4 |" in out
+
+
+def test_bad_fasta_through_the_cli(tmp_path, data):
+    lines = (data / "ex1.fa").read_text().splitlines()
+    lines[2] = lines[2][:5] + "!" + lines[2][6:]
+    (tmp_path / "x.fa").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "w.bed"
+    r = run("windows", str(tmp_path / "x.fa"), "--window", "128", "--out", str(out))
+    assert r.returncode == 2 and "x.fa" in r.stderr and "'chr1'" in r.stderr and "position" in r.stderr
+    assert "--lenient" in r.stderr and not out.exists()
+    raw = (data / "lambda_phage_NC_001416.fa.gz").read_bytes()
+    (tmp_path / "t.fa.gz").write_bytes(raw[: len(raw) // 2])
+    r = run("windows", str(tmp_path / "t.fa.gz"), "--window", "128", "--out", str(out))
+    assert r.returncode == 2 and "t.fa.gz" in r.stderr and not out.exists()
