@@ -81,6 +81,25 @@ def _cmd_model_info(args) -> int:
     return 0
 
 
+def _cmd_train(args, overrides) -> int:
+    """fit / validate / test from a YAML config with --section.key=value overrides."""
+    import yaml
+
+    from .training import load_config
+
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
+    from .training import run
+
+    metrics = run(args.command, cfg, ckpt_path=args.ckpt_path)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    print(f"{args.command}: {shown}")
+    print(f"outputs in {cfg['output_dir']}")
+    return 128 + metrics["stopped_by_signal"] if "stopped_by_signal" in metrics else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="genomamba",
@@ -110,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and of its reverse-complement-equivariant (RCPS) variant.")
     mi.add_argument("configs", nargs="+", help="YAML files with a `model:` section (see configs/)")
     mi.set_defaults(func=_cmd_model_info)
+
+    for name, text in (("fit", "train (pretrain or fine-tune) from a YAML config"),
+                       ("validate", "evaluate on the validation split"), ("test", "evaluate on the test split")):
+        t = sub.add_parser(name, help=text,
+                           description=f"{text[0].upper() + text[1:]}. Any config key can be overridden as "
+                                       "--section.key=value (e.g. --trainer.max_steps=200 --data.batch_size=16).")
+        t.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
+        t.add_argument("--ckpt_path", default=None, help="'last' to resume the run in output_dir, or a .ckpt file")
+        t.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+        t.set_defaults(func=_cmd_train, takes_overrides=True)
     return p
 
 
@@ -117,14 +146,16 @@ def main(argv=None) -> int:
     from .errors import InputError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="genomamba: %(levelname)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "takes_overrides", False) else args.func(args)
     except InputError as exc:
         print(f"genomamba: error: {exc}", file=sys.stderr)
         return 2

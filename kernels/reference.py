@@ -2,8 +2,8 @@
 
 `selective_scan_ref` walks the sequence one step at a time (float64-capable); it *is* the
 definition the Triton kernels are tested against. `selective_scan_chunked` computes the same
-function with a log-depth (Hillis-Steele) scan over chunks of the sequence: vectorised, fully
-differentiable through autograd, and fast enough for CPU inference and CI.
+function chunk by chunk, with everything but the recurrence itself vectorised: differentiable
+through autograd, bounded memory, and fast enough for CPU inference and CI.
 
 Shapes (the `mamba_ssm.selective_scan_fn` contract):
     u, delta, z: (batch, dim, L)      A: (dim, N)       D, delta_bias: (dim,)
@@ -80,35 +80,14 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, h.float()) if return_last_state else out
 
 
-def _shift(x: torch.Tensor, k: int, fill: float, reverse: bool) -> torch.Tensor:
-    """x shifted by k along the last axis towards later (or, reversed, earlier) positions."""
-    pad = x.new_full(x.shape[:-1] + (k,), fill)
-    if reverse:
-        return torch.cat([x[..., k:], pad], dim=-1)
-    return torch.cat([pad, x[..., :-k]], dim=-1)
-
-
-def _linear_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool):
-    """Inclusive scan of h_t = a_t h_{t-1} + b_t along the last axis (h_{-1} = 0), log depth.
-
-    Returns (prod, h): prod_t = a_t * ... * a_0 (the decay applied to a carried-in state).
-    Out-of-place throughout so that autograd differentiates it.
-    """
-    L = a.shape[-1]
-    k = 1
-    while k < L:
-        b = b + a * _shift(b, k, 0.0, reverse)
-        a = a * _shift(a, k, 1.0, reverse)
-        k *= 2
-    return a, b
-
-
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False, initial_state=None, reverse=False, seq_idx=None,
                            chunk_size=256, dtype=torch.float32):
-    """Vectorised selective scan: log-depth scans inside chunks, a carried state between chunks.
-
-    Memory is O(batch * dim * N * chunk_size); never a (batch, dim, N, L) tensor.
+    """Vectorised selective scan for the CPU: per chunk, the decays and inputs of every step are
+    computed at once as (batch, dim, N, T) tensors; the recurrence then runs one fused multiply-add
+    per step over (batch, dim, N). Memory is O(batch * dim * N * chunk_size), never a
+    (batch, dim, N, L) tensor. (On 2 CPU cores this measured ~3x faster, forward and backward,
+    than a log-depth Hillis-Steele scan, which makes ~8 full passes over each chunk.)
     """
     out_dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype)
@@ -116,21 +95,22 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     reset = _reset_mask(seq_idx, reverse)
     h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(dtype)
     starts = list(range(0, L, chunk_size))
-    if reverse:
-        starts = starts[::-1]
     ys = {}
-    for s in starts:
+    for s in (reversed(starts) if reverse else starts):
         e = min(s + chunk_size, L)
         dt = delta[:, :, s:e]
         dA = torch.exp(dt[:, :, None, :] * A[None, :, :, None])          # (batch, dim, N, T)
         if reset is not None:
             dA = dA * (~reset[:, None, None, s:e]).to(dtype)
-        beta = (dt * u[:, :, s:e])[:, :, None, :] * B[..., s:e]        # (batch, dim, N, T)
-        prod, hl = _linear_scan(dA, beta, reverse)
-        hs = hl + prod * h[..., None]
-        ys[s] = (hs * C[..., s:e]).sum(2)
-        h = hs[..., 0] if reverse else hs[..., -1]
-    y = torch.cat([ys[s] for s in sorted(ys)], dim=-1)
+        dBu = (dt * u[:, :, s:e])[:, :, None, :] * B[..., s:e]           # (batch, dim, N, T)
+        steps = list(zip(dA.unbind(-1), dBu.unbind(-1)))  # unbind: its backward is one stack, not T copies
+        hs = []
+        for a_t, b_t in (reversed(steps) if reverse else steps):
+            h = torch.addcmul(b_t, a_t, h)
+            hs.append(h)
+        H = torch.stack(hs[::-1] if reverse else hs, dim=-1)
+        ys[s] = (H * C[..., s:e]).sum(2)
+    y = torch.cat([ys[s] for s in starts], dim=-1)
     out = _finish(y, u, D, z, out_dtype, dtype)
     return (out, h.float()) if return_last_state else out
 

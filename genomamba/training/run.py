@@ -1,0 +1,132 @@
+"""Run a config: build data, module and trainer; write everything into one output directory.
+
+<output_dir>/config.yaml (resolved config), checkpoints/ (last.ckpt and periodic ones, written
+atomically), logs/metrics.csv, metrics.json, training_curves.png, and for classification tests
+roc.png / pr.png; after `fit`, model/ (a from_pretrained directory).
+A SIGTERM or SIGINT mid-epoch saves a resumable last.ckpt before the process exits.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..atomic import atomic_open, atomic_path
+from ..errors import InputError
+from ..model import save_pretrained
+from . import plots
+from .data import ClassifyData, PretrainData
+from .modules import MaskedLMModule, SequenceClassificationModule
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints appear only once complete (temporary file, then rename)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class SaveOnSignal(Callback):
+    """On SIGTERM/SIGINT: finish the current step, save last.ckpt, stop cleanly."""
+
+    def __init__(self, ckpt_dir: Path):
+        self.ckpt_dir, self.received = ckpt_dir, None
+
+    def on_fit_start(self, trainer, pl_module):
+        def handler(signum, _frame):
+            self.received = signum
+        self._old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_train_batch_end(self, trainer, *args):
+        if self.received is not None:
+            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer, pl_module):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _trainer(cfg: dict, out: Path, extra_callbacks=()):
+    t = cfg["trainer"]
+    precision = t["precision"]
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
+                           every_n_train_steps=t["checkpoint_every_n_steps"], filename="step{step}",
+                           auto_insert_metric_name=False)
+    kwargs = dict(max_steps=t["max_steps"] or -1, max_epochs=t["max_epochs"] if t["max_epochs"] is not None else -1,
+                  accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"], precision=precision,
+                  gradient_clip_val=t["gradient_clip_val"], accumulate_grad_batches=t["accumulate_grad_batches"],
+                  log_every_n_steps=t["log_every_n_steps"], default_root_dir=out,
+                  logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt, *extra_callbacks],
+                  plugins=[AtomicCheckpointIO()], deterministic=False, enable_model_summary=False,
+                  reload_dataloaders_every_n_epochs=1 if cfg["data"]["warmup"] else 0)
+    if t["val_check_interval"] is not None:
+        kwargs["val_check_interval"] = t["val_check_interval"]
+        kwargs["check_val_every_n_epoch"] = None
+    if t["limit_val_batches"] is not None:
+        kwargs["limit_val_batches"] = t["limit_val_batches"]
+    return L.Trainer(**kwargs)
+
+
+def resolve_ckpt(ckpt_path, out: Path):
+    if ckpt_path in (None, "none"):
+        return None
+    if ckpt_path == "last":
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            raise InputError("--ckpt_path last: no last.ckpt to resume from", path=last.parent)
+        return str(last)
+    if not Path(ckpt_path).exists():
+        raise InputError("checkpoint not found", path=ckpt_path)
+    return ckpt_path
+
+
+def run(command: str, cfg: dict, ckpt_path=None) -> dict:
+    """command: fit | validate | test. Returns the metrics it wrote to metrics.json."""
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out / "config.yaml") as fh:
+        yaml.safe_dump(cfg, fh, sort_keys=False)
+    pretrain = cfg["task"] == "pretrain"
+    data = PretrainData(cfg) if pretrain else ClassifyData(cfg)
+    module = MaskedLMModule(cfg) if pretrain else SequenceClassificationModule(cfg)
+    signals = SaveOnSignal(out / "checkpoints")
+    trainer = _trainer(cfg, out, [signals] if command == "fit" else [])
+    ckpt = resolve_ckpt(ckpt_path, out)
+    if command == "fit":
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        if trainer.is_global_zero and signals.received is None:
+            save_pretrained(module.model, out / "model")
+    elif command == "validate":
+        trainer.validate(module, datamodule=data, ckpt_path=ckpt)
+    elif command == "test":
+        trainer.test(module, datamodule=data, ckpt_path=ckpt)
+    else:
+        raise InputError(f"unknown command {command!r}")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["global_step"] = trainer.global_step
+    if trainer.is_global_zero:
+        with atomic_open(out / "metrics.json") as fh:
+            json.dump({"command": command, **metrics}, fh, indent=2)
+        plots.training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
+        if command == "test" and not pretrain and getattr(module, "test_scores", None) \
+                and cfg["classify"]["num_classes"] == 2:
+            scores = torch.cat([s for s, _ in module.test_scores]).numpy()
+            labels = torch.cat([y for _, y in module.test_scores]).numpy()
+            plots.roc_pr(scores, labels, out)
+    if signals.received is not None:
+        metrics["stopped_by_signal"] = int(signals.received)
+    return metrics
