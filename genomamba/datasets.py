@@ -33,7 +33,8 @@ class GenomeWindowDataset(Dataset):
         self.fasta = fasta if isinstance(fasta, Fasta) else Fasta(fasta)
         self.windows = list(windows)
         self.rc_augment = rc_augment
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.epoch = 0  # set by the data module: the strand of each window is a function of (seed, epoch, index)
 
     def __len__(self):
         return len(self.windows)
@@ -41,7 +42,7 @@ class GenomeWindowDataset(Dataset):
     def __getitem__(self, i):
         w = self.windows[i]
         ids = self.fasta.fetch_ids(w.contig, w.start, w.end, pad=True)
-        if self.rc_augment and self.rng.random() < 0.5:
+        if self.rc_augment and np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5:
             ids = tokenizer.reverse_complement(ids).copy()
         return {"input_ids": torch.from_numpy(ids), "contig": w.contig, "start": w.start, "end": w.end}
 

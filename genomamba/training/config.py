@@ -33,7 +33,8 @@ DEFAULTS = {
         "max_rows": None,
     },
     "classify": {"num_classes": 2, "pooling": "mean", "freeze_backbone": False, "conjoin_eval": True},
-    "optim": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 10},
+    "optim": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 10,
+              "schedule_steps": None},  # cosine horizon; default trainer.max_steps
     "trainer": {"max_steps": 100, "max_epochs": None, "precision": "auto", "accelerator": "auto", "devices": 1,
                 "strategy": "auto", "gradient_clip_val": 1.0, "accumulate_grad_batches": 1,
                 "log_every_n_steps": 1, "val_check_interval": None, "limit_val_batches": None,
@@ -95,6 +96,9 @@ def validate(cfg: dict, source: str) -> None:
     elif not Path(cfg["pretrained"]).is_dir():
         raise InputError(f"pretrained model directory {cfg['pretrained']!r} not found", path=source)
     d = cfg["data"]
+    for key in ("train_contigs", "val_contigs", "test_contigs"):
+        if d[key] is not None:  # YAML reads `[20, 21]` as integers; contig names are strings
+            d[key] = [str(c) for c in (d[key] if isinstance(d[key], list) else [d[key]])]
     windows = [d["window"]] + [w for w, _ in d["warmup"]]
     for w in windows:
         if w > cfg["max_length"]:

@@ -23,7 +23,9 @@ class EpochPermutation(Sampler):
         return iter(order[self.skip:])
 
     def __len__(self):
-        return self.n - self.skip
+        # The whole epoch: Lightning counts a resumed epoch's batches from where it stopped,
+        # so it must see the full length while the iteration yields only the remainder.
+        return self.n
 
 
 def _train_loader(trainer, dataset, batch_size, seed, num_workers):
@@ -31,7 +33,9 @@ def _train_loader(trainer, dataset, batch_size, seed, num_workers):
     skip = 0
     loop = trainer.fit_loop.epoch_loop if trainer is not None else None
     if loop is not None and trainer.fit_loop.restarting:
-        skip = loop.batch_progress.current.completed * batch_size  # batches already trained on
+        # Batches of this epoch already trained on. The checkpoint is written at the end of a
+        # batch, before `completed` is counted, so `ready` is the number to skip.
+        skip = loop.batch_progress.current.ready * batch_size
     sampler = EpochPermutation(len(dataset), seed * 1000 + epoch, min(skip, len(dataset)))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
@@ -81,8 +85,10 @@ class PretrainData(L.LightningDataModule):
     def train_dataloader(self):
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         window, batch = self.stage(epoch)
-        return _train_loader(self.trainer, self._windows(window, "train"), batch, self.cfg["seed"],
-                             self.d["num_workers"])
+        windows = self._windows(window, "train")
+        for ds in windows.datasets:
+            ds.epoch = epoch
+        return _train_loader(self.trainer, windows, batch, self.cfg["seed"], self.d["num_workers"])
 
     def val_dataloader(self):
         return DataLoader(self._windows(self.d["window"], "val"), batch_size=self.d["batch_size"],

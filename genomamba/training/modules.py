@@ -13,6 +13,10 @@ from ..model import BiMambaConfig, BiMambaForMaskedLM, BiMambaForSequenceClassif
 from .masking import IGNORE_INDEX, mask_tokens
 
 
+def _horizon(cfg: dict) -> int:
+    return cfg["optim"]["schedule_steps"] or cfg["trainer"]["max_steps"] or 1000
+
+
 def _optimizers(module, optim: dict, max_steps: int):
     """AdamW (no weight decay on norms, biases, A_log, D) + linear warmup and cosine decay."""
     decay, no_decay = [], []
@@ -71,7 +75,7 @@ class MaskedLMModule(L.LightningModule):
             self.gen.set_state(checkpoint["mask_generator"])
 
     def configure_optimizers(self):
-        return _optimizers(self, self.cfg["optim"], self.cfg["trainer"]["max_steps"] or 1000)
+        return _optimizers(self, self.cfg["optim"], _horizon(self.cfg))
 
 
 class SequenceClassificationModule(L.LightningModule):
@@ -135,4 +139,4 @@ class SequenceClassificationModule(L.LightningModule):
         self.metrics["test"].reset()
 
     def configure_optimizers(self):
-        return _optimizers(self, self.cfg["optim"], self.cfg["trainer"]["max_steps"] or 1000)
+        return _optimizers(self, self.cfg["optim"], _horizon(self.cfg))

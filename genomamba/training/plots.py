@@ -20,16 +20,21 @@ def _save(fig, path: Path):
     plt.close(fig)
 
 
-def training_curves(metrics_csv: Path, out: Path) -> Path | None:
-    """Loss per logged step (train) and per validation, from Lightning's CSVLogger file."""
-    if not metrics_csv.exists():
-        return None
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(metrics_csv) as fh:
-        for row in csv.DictReader(fh):
-            for key in ("train_loss", "val_loss"):
-                if row.get(key):
-                    series.setdefault(key, []).append((int(row["step"]), float(row[key])))
+def read_log(metrics_csvs) -> dict[str, dict[int, float]]:
+    """{'train_loss': {step: value}, 'val_loss': {...}} from one or more CSVLogger files (later files win)."""
+    series: dict[str, dict[int, float]] = {}
+    for path in metrics_csvs:
+        with open(path) as fh:
+            for row in csv.DictReader(fh):
+                for key in ("train_loss", "val_loss"):
+                    if row.get(key):
+                        series.setdefault(key, {})[int(row["step"])] = float(row[key])
+    return series
+
+
+def training_curves(metrics_csvs, out: Path) -> Path | None:
+    """Loss per logged step (train) and per validation, across every invocation of a run."""
+    series = {k: sorted(v.items()) for k, v in read_log(metrics_csvs).items()}
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,7 +1,7 @@
 """Run a config: build data, module and trainer; write everything into one output directory.
 
 <output_dir>/config.yaml (resolved config), checkpoints/ (last.ckpt and periodic ones, written
-atomically), logs/metrics.csv, metrics.json, training_curves.png, and for classification tests
+atomically), logs/version_N/metrics.csv (one per invocation, so a resume keeps the history), metrics.json, training_curves.png, and for classification tests
 roc.png / pr.png; after `fit`, model/ (a from_pretrained directory).
 A SIGTERM or SIGINT mid-epoch saves a resumable last.ckpt before the process exits.
 """
@@ -18,6 +18,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..atomic import atomic_open, atomic_path
 from ..errors import InputError
@@ -48,6 +49,8 @@ class SaveOnSignal(Callback):
         self._old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def on_train_batch_end(self, trainer, *args):
+        if self.received is None and getattr(trainer, "received_sigterm", False):
+            self.received = signal.SIGTERM  # Lightning's own SIGTERM handler got it first
         if self.received is not None:
             trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
             trainer.should_stop = True
@@ -69,7 +72,7 @@ def _trainer(cfg: dict, out: Path, extra_callbacks=()):
                   accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"], precision=precision,
                   gradient_clip_val=t["gradient_clip_val"], accumulate_grad_batches=t["accumulate_grad_batches"],
                   log_every_n_steps=t["log_every_n_steps"], default_root_dir=out,
-                  logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt, *extra_callbacks],
+                  logger=CSVLogger(out, name="logs"), callbacks=[ckpt, *extra_callbacks],
                   plugins=[AtomicCheckpointIO()], deterministic=False, enable_model_summary=False,
                   reload_dataloaders_every_n_epochs=1 if cfg["data"]["warmup"] else 0)
     if t["val_check_interval"] is not None:
@@ -77,7 +80,7 @@ def _trainer(cfg: dict, out: Path, extra_callbacks=()):
         kwargs["check_val_every_n_epoch"] = None
     if t["limit_val_batches"] is not None:
         kwargs["limit_val_batches"] = t["limit_val_batches"]
-    return L.Trainer(**kwargs)
+    return L.Trainer(**kwargs)  # CSVLogger without a version: a new logs/version_N per invocation
 
 
 def resolve_ckpt(ckpt_path, out: Path):
@@ -107,7 +110,10 @@ def run(command: str, cfg: dict, ckpt_path=None) -> dict:
     trainer = _trainer(cfg, out, [signals] if command == "fit" else [])
     ckpt = resolve_ckpt(ckpt_path, out)
     if command == "fit":
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        except SIGTERMException:  # raised by Lightning after the batch (our last.ckpt is already saved)
+            signals.received = signals.received or signal.SIGTERM
         if trainer.is_global_zero and signals.received is None:
             save_pretrained(module.model, out / "model")
     elif command == "validate":
@@ -121,7 +127,7 @@ def run(command: str, cfg: dict, ckpt_path=None) -> dict:
     if trainer.is_global_zero:
         with atomic_open(out / "metrics.json") as fh:
             json.dump({"command": command, **metrics}, fh, indent=2)
-        plots.training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
+        plots.training_curves(sorted((out / "logs").glob("version_*/metrics.csv")), out / "training_curves.png")
         if command == "test" and not pretrain and getattr(module, "test_scores", None) \
                 and cfg["classify"]["num_classes"] == 2:
             scores = torch.cat([s for s, _ in module.test_scores]).numpy()

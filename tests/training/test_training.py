@@ -1,0 +1,141 @@
+"""Training through the CLI on the shipped data, small and on CPU."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from genomamba.cli import main
+from genomamba.model import BiMambaForSequenceClassification, from_pretrained
+from genomamba.training import load_config, mask_tokens
+from genomamba import tokenizer
+from genomamba.errors import InputError
+
+REPO = Path(__file__).resolve().parents[2]
+LAMBDA = str(REPO / "data" / "lambda_phage_NC_001416.fa.gz")
+GUE = str(REPO / "data" / "gue_mouse3_dev.csv.gz")
+
+
+def pretrain_cfg(tmp_path, name="pre", **trainer):
+    cfg = {"task": "pretrain", "output_dir": str(tmp_path / name), "seed": 3,
+           "model": {"d_model": 32, "n_layer": 2},
+           "data": {"fasta": [LAMBDA], "window": 256, "holdout_fraction": 0.1, "batch_size": 8},
+           "optim": {"lr": 0.003, "warmup_steps": 5, "schedule_steps": 30},
+           "trainer": {"max_steps": 30, "checkpoint_every_n_steps": 10, "val_check_interval": 10,
+                       "limit_val_batches": 2, **trainer}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_losses(run_dir):
+    from genomamba.training.plots import read_log
+
+    return read_log(sorted((Path(run_dir) / "logs").glob("version_*/metrics.csv")))["train_loss"]
+
+
+def test_masking_rules():
+    ids = torch.tensor([[7, 8, 9, 10, 11, 4, 3] * 400])
+    g = torch.Generator().manual_seed(0)
+    inputs, labels = mask_tokens(ids, generator=g)
+    chosen = labels != -100
+    assert not chosen[(ids == tokenizer.N_ID) | (ids == tokenizer.PAD_ID) | (ids == tokenizer.MASK_ID)].any()
+    frac = chosen.sum().item() / ((ids >= tokenizer.A_ID) & (ids <= tokenizer.T_ID)).sum().item()
+    assert 0.12 < frac < 0.18
+    masked = (inputs[chosen] == tokenizer.MASK_ID).float().mean().item()
+    kept = (inputs[chosen] == ids[chosen]).float().mean().item()
+    assert 0.72 < masked < 0.88 and 0.05 < kept < 0.2
+
+
+def test_pretrain_loss_falls_and_outputs_are_written(tmp_path, capsys):
+    assert main(["fit", "-c", str(pretrain_cfg(tmp_path))]) == 0
+    run = tmp_path / "pre"
+    losses = train_losses(run)
+    first, last = [losses[s] for s in sorted(losses)[:3]], [losses[s] for s in sorted(losses)[-3:]]
+    assert sum(last) / 3 < sum(first) / 3 - 0.1, losses
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 30 and "val_loss" in metrics
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
+    assert (run / "training_curves.png").stat().st_size > 1000
+    assert from_pretrained(run / "model").config.d_model == 32
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stopped at step 10 and resumed with --ckpt_path last: steps 11-20 equal an uninterrupted run."""
+    full = pretrain_cfg(tmp_path, "full", max_steps=20)
+    assert main(["fit", "-c", str(full)]) == 0
+    part = pretrain_cfg(tmp_path, "part", max_steps=10)
+    assert main(["fit", "-c", str(part)]) == 0
+    assert main(["fit", "-c", str(part), "--trainer.max_steps=20", "--ckpt_path", "last"]) == 0
+    a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
+    later = [s for s in a if s >= 10]
+    assert later and all(abs(a[s] - b[s]) < 1e-5 for s in later), (a, b)
+    assert json.loads((tmp_path / "part" / "metrics.json").read_text())["global_step"] == 20
+
+
+def test_finetune_from_pretrained_writes_metrics_plots_and_model(tmp_path):
+    assert main(["fit", "-c", str(pretrain_cfg(tmp_path, max_steps=5))]) == 0
+    cfg = {"task": "classify", "output_dir": str(tmp_path / "ft"), "pretrained": str(tmp_path / "pre" / "model"),
+           "data": {"train": GUE, "val": GUE, "test": GUE, "batch_size": 16, "max_rows": 200},
+           "classify": {"num_classes": 2},
+           "trainer": {"max_steps": 12, "val_check_interval": 6, "limit_val_batches": 2}}
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "-c", str(path)]) == 0
+    assert main(["test", "-c", str(path), "--ckpt_path", "last"]) == 0
+    out = tmp_path / "ft"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k in ("test_acc", "test_mcc", "test_auroc", "test_f1"):
+        assert 0.0 <= metrics[k] <= 1.0 or k == "test_mcc"
+    assert (out / "roc.png").exists() and (out / "pr.png").exists()
+    model = from_pretrained(out / "model")
+    assert isinstance(model, BiMambaForSequenceClassification)
+
+
+def test_print_config_applies_overrides(capsys):
+    assert main(["fit", "-c", str(REPO / "configs" / "caduceus_1k.yaml"), "--print_config",
+                 "--data.fasta=[" + LAMBDA + "]", "--trainer.max_steps=7"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["max_steps"] == 7 and cfg["model"]["d_model"] == 118
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--trainer.max_stepz=3", "unknown key 'trainer.' 'max_stepz'|unknown key"),
+    ("--data.fasta=[/no/such.fa]", "not found"),
+    ("--data.train_contigs=[chr1] --data.val_contigs=[1]", "in both the train and val lists"),
+    ("--data.window=262144", "longer than max_length"),
+])
+def test_bad_config_fails_before_training(tmp_path, override, message):
+    path = pretrain_cfg(tmp_path)
+    with pytest.raises(InputError, match=message):
+        load_config(path, override.split())
+    r = subprocess.run([sys.executable, "-m", "genomamba", "fit", "-c", str(path), *override.split()],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and not (tmp_path / "pre").exists()
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
+    path = pretrain_cfg(tmp_path, max_steps=100000, checkpoint_every_n_steps=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "genomamba", "fit", "-c", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_csv = tmp_path / "pre" / "logs" / "version_0" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics_csv.exists() and metrics_csv.stat().st_size > 200):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] > 0
+    assert not (tmp_path / "pre" / "model").exists()  # no final model from an interrupted run
+    assert not list((tmp_path / "pre" / "checkpoints").glob(".*.tmp"))
+    step = state["global_step"]
+    assert main(["fit", "-c", str(path), f"--trainer.max_steps={step + 3}", "--ckpt_path", "last"]) == 0
+    assert json.loads((tmp_path / "pre" / "metrics.json").read_text())["global_step"] == step + 3
