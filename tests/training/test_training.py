@@ -139,3 +139,25 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     step = state["global_step"]
     assert main(["fit", "-c", str(path), f"--trainer.max_steps={step + 3}", "--ckpt_path", "last"]) == 0
     assert json.loads((tmp_path / "pre" / "metrics.json").read_text())["global_step"] == step + 3
+
+
+def test_length_warmup_keeps_tokens_per_step():
+    from genomamba.training.data import PretrainData
+
+    cfg = load_config(REPO / "configs" / "lambda_tiny.yaml",
+                      ["--data.fasta=[" + LAMBDA + "]", "--data.warmup=[[128, 1], [256, 2]]"])
+    dm = PretrainData(cfg)
+    assert [dm.stage(e) for e in range(5)] == [(128, 32), (256, 16), (256, 16), (512, 8), (512, 8)]
+
+
+def test_shipped_training_configs_load():
+    for name in ("lambda_tiny.yaml", "caduceus_1k.yaml", "caduceus_131k.yaml", "caduceus_131k_rcps.yaml",
+                 "long_1m.yaml"):
+        path = REPO / "configs" / name
+        try:
+            cfg = load_config(path)
+        except InputError as exc:  # the chr20 FASTA lives in ../shared/data
+            if "not found" in str(exc) and "shared" in str(exc):
+                pytest.skip(f"../shared/data is absent: {exc}")
+            raise
+        assert cfg["task"] == "pretrain"
