@@ -79,8 +79,8 @@ class BiMambaConfig:
         return cls(**data)
 
 
-def load_model_config(path) -> BiMambaConfig:
-    """The `model:` section of a YAML config file (unknown keys are an error naming them)."""
+def read_yaml(path) -> dict:
+    """A YAML config file as a dict; a missing file or bad YAML is an InputError naming the file."""
     import yaml
 
     path = Path(path)
@@ -90,6 +90,14 @@ def load_model_config(path) -> BiMambaConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise InputError(f"not valid YAML: {exc}", path=path) from exc
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    if not isinstance(data, dict):
+        raise InputError("a config file must hold a mapping of sections", path=path)
+    return data
+
+
+def load_model_config(path) -> BiMambaConfig:
+    """The `model:` section of a YAML config file (unknown keys are an error naming them)."""
+    data = read_yaml(path)
+    if not isinstance(data.get("model"), dict):
         raise InputError("the config needs a `model:` section", path=path)
     return BiMambaConfig.from_dict(data["model"], source=str(path))

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import InputError
-from ..model.config import BiMambaConfig
+from ..model.config import BiMambaConfig, read_yaml
 from ..windows import MAX_WINDOW, MIN_WINDOW, check_disjoint_splits
 
 DEFAULTS = {
@@ -68,15 +68,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
 def load_config(path=None, overrides=()) -> dict:
     """Defaults <- YAML file <- overrides, then validation."""
     source = str(path) if path else "<defaults>"
-    raw = {}
-    if path:
-        path = Path(path)
-        if not path.exists():
-            raise InputError("config file not found", path=path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"not valid YAML: {exc}", path=path) from exc
+    raw = read_yaml(path) if path else {}
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
