@@ -42,9 +42,10 @@ class GenomeWindowDataset(Dataset):
     def __getitem__(self, i):
         w = self.windows[i]
         ids = self.fasta.fetch_ids(w.contig, w.start, w.end, pad=True)
-        if self.rc_augment and np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5:
+        rc = bool(self.rc_augment and np.random.default_rng((self.seed, self.epoch, i)).random() < 0.5)
+        if rc:
             ids = tokenizer.reverse_complement(ids).copy()
-        return {"input_ids": torch.from_numpy(ids), "contig": w.contig, "start": w.start, "end": w.end}
+        return {"input_ids": torch.from_numpy(ids), "contig": w.contig, "start": w.start, "end": w.end, "rc": rc}
 
 
 class LabelledSequenceDataset(Dataset):
@@ -163,6 +164,11 @@ def collate(items):
     batch = {"input_ids": ids, "attention_mask": mask & (ids != tokenizer.PAD_ID)}
     if "label" in items[0]:
         batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    if "token_labels" in items[0]:  # per-position labels, -100 (ignored) on padding
+        labels = torch.full((len(items), n), -100, dtype=torch.long)
+        for i, it in enumerate(items):
+            labels[i, : len(it["token_labels"])] = it["token_labels"]
+        batch["token_labels"] = labels
     for key in ("contig", "start", "end", "name"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]

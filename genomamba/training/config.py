@@ -16,7 +16,7 @@ from ..model.config import BiMambaConfig, read_yaml
 from ..windows import MAX_WINDOW, MIN_WINDOW, check_disjoint_splits
 
 DEFAULTS = {
-    "task": "pretrain",            # pretrain | classify
+    "task": "pretrain",            # pretrain | classify | token_classify
     "output_dir": "runs/run",
     "seed": 0,
     "model": {},                   # BiMambaConfig fields (ignored when `pretrained` is set)
@@ -31,6 +31,8 @@ DEFAULTS = {
         "batch_size": 8, "num_workers": 0,
         "train": None, "val": None, "test": None,   # classify: CSV/TSV (sequence,label) or lists of FASTA (one per class)
         "max_rows": None,
+        "regions": None,           # pretrain / token_classify: only tile these BED regions
+        "labels_bed": None,        # token_classify: positions inside these intervals are class 1
     },
     "classify": {"num_classes": 2, "pooling": "mean", "freeze_backbone": False, "conjoin_eval": True},
     "optim": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 10,
@@ -81,8 +83,8 @@ def load_config(path=None, overrides=()) -> dict:
 
 
 def validate(cfg: dict, source: str) -> None:
-    if cfg["task"] not in ("pretrain", "classify"):
-        raise InputError(f"task must be 'pretrain' or 'classify', got {cfg['task']!r}", path=source)
+    if cfg["task"] not in ("pretrain", "classify", "token_classify"):
+        raise InputError(f"task must be pretrain, classify or token_classify, got {cfg['task']!r}", path=source)
     if cfg["pretrained"] is None:
         BiMambaConfig.from_dict(cfg["model"], source=f"{source} (model:)")
     elif not Path(cfg["pretrained"]).is_dir():
@@ -95,12 +97,15 @@ def validate(cfg: dict, source: str) -> None:
     for w in windows:
         if w > cfg["max_length"]:
             raise InputError(f"window {w:,} is longer than max_length {cfg['max_length']:,}", path=source)
-        if cfg["task"] == "pretrain" and not MIN_WINDOW <= w <= MAX_WINDOW:
+        if cfg["task"] != "classify" and not MIN_WINDOW <= w <= MAX_WINDOW:
             raise InputError(f"window {w:,} is outside {MIN_WINDOW}..{MAX_WINDOW:,}", path=source)
     check_disjoint_splits(train=d["train_contigs"], val=d["val_contigs"], test=d["test_contigs"])
-    files = d["fasta"] if cfg["task"] == "pretrain" else [d["train"], d["val"], d["test"]]
-    if cfg["task"] == "pretrain" and not files:
-        raise InputError("data.fasta lists no FASTA file to pretrain on", path=source)
+    genomic = cfg["task"] != "classify"
+    files = (d["fasta"] + [d["regions"], d["labels_bed"]]) if genomic else [d["train"], d["val"], d["test"]]
+    if genomic and not d["fasta"]:
+        raise InputError("data.fasta lists no FASTA file", path=source)
+    if cfg["task"] == "token_classify" and d["labels_bed"] is None:
+        raise InputError("token_classify needs data.labels_bed (BED of class-1 intervals)", path=source)
     for f in files:
         for p in (f if isinstance(f, list) else [f]):
             if p is not None and not Path(p).exists():

@@ -7,8 +7,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..datasets import GenomeWindowDataset, LabelledFastaDataset, LabelledSequenceDataset, collate
-from ..io import Fasta
-from ..windows import Window, filter_by_n, split_windows, tile
+from ..io import Fasta, read_bed
+from ..tokenizer import PAD_ID
+from ..windows import Window, filter_by_n, split_windows
 
 
 class EpochPermutation(Sampler):
@@ -52,24 +53,35 @@ class PretrainData(L.LightningDataModule):
         self.cfg, self.d = cfg, cfg["data"]
         self.fastas = [Fasta(p) for p in self.d["fasta"]]
 
+    def _spans(self, fa):
+        """(contig, start, end) to tile: the `regions` BED, or every contig whole."""
+        if self.d["regions"]:
+            return [(fa.resolve(r.contig), r.start, r.end) for r in read_bed(self.d["regions"])]
+        return [(c, 0, n) for c, n in fa.lengths.items()]
+
     def _windows(self, window: int, split: str):
+        """Whole windows only (never padded), so the splits never share a base."""
         d, out = self.d, []
         stride = d["stride"] or window
+        by_contig = bool(d["train_contigs"] or d["val_contigs"] or d["test_contigs"])
         for fa in self.fastas:
-            if d["train_contigs"] or d["val_contigs"] or d["test_contigs"]:
-                ws = tile(fa.lengths, window, stride)
+            ws = []
+            for contig, lo, hi in self._spans(fa):
+                if not by_contig and d["holdout_fraction"]:  # hold out the tail of each span
+                    cut = lo + int((hi - lo) * (1 - d["holdout_fraction"]))
+                    lo, hi = (lo, cut) if split == "train" else (cut, hi)
+                elif not by_contig and split != "train":
+                    continue
+                ws += [Window(contig, s, s + window) for s in range(lo, hi - window + 1, stride)]
+            if by_contig:
                 ws = split_windows(ws, train=d["train_contigs"], val=d["val_contigs"], test=d["test_contigs"])[split]
-            else:
-                ws = []
-                for contig, n in fa.lengths.items():
-                    cut = int(n * (1 - d["holdout_fraction"])) if d["holdout_fraction"] else n
-                    lo, hi = {"train": (0, cut), "val": (cut, n), "test": (cut, n)}[split]
-                    # whole windows only, so the splits never share a base
-                    ws += [Window(contig, s, s + window) for s in range(lo, hi - window + 1, stride)]
             kept, _ = filter_by_n(fa, ws, d["max_n"])
-            out.append(GenomeWindowDataset(fa, kept, rc_augment=d["rc_augment"] and split == "train",
-                                           seed=self.cfg["seed"]))
+            out.append(self._dataset(fa, kept, split))
         return torch.utils.data.ConcatDataset(out)
+
+    def _dataset(self, fa, windows, split):
+        return GenomeWindowDataset(fa, windows, rc_augment=self.d["rc_augment"] and split == "train",
+                                   seed=self.cfg["seed"])
 
     def stage(self, epoch: int) -> tuple[int, int]:
         """(window, batch size) for this epoch under the warmup schedule."""
@@ -127,3 +139,38 @@ class ClassifyData(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader("test") or []
+
+
+class TokenLabelledWindows(torch.utils.data.Dataset):
+    """Genome windows with a per-position label: 1 inside `labels_bed` intervals, else 0
+    (-100, ignored by the loss, where the window runs past the contig end)."""
+
+    def __init__(self, windows: GenomeWindowDataset, labels_bed):
+        self.windows = windows
+        self.by_contig: dict[str, list[tuple[int, int]]] = {}
+        for iv in read_bed(labels_bed):
+            self.by_contig.setdefault(windows.fasta.resolve(iv.contig), []).append((iv.start, iv.end))
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        w = self.windows.windows[i]
+        item = self.windows[i]
+        labels = torch.zeros(w.end - w.start, dtype=torch.long)
+        for s, e in self.by_contig.get(self.windows.fasta.resolve(w.contig), ()):
+            lo, hi = max(s, w.start), min(e, w.end)
+            if lo < hi:
+                labels[lo - w.start: hi - w.start] = 1
+        if item["rc"]:
+            labels = labels.flip(0)  # the window was reverse-complemented: labels follow the strand
+        labels[item["input_ids"] == PAD_ID] = -100  # positions past the contig end
+        item["token_labels"] = labels
+        return item
+
+
+class TokenClassifyData(PretrainData):
+    """Per-base labels from a BED track over genome windows (same splitting as pretraining)."""
+
+    def _dataset(self, fa, windows, split):
+        return TokenLabelledWindows(super()._dataset(fa, windows, split), self.d["labels_bed"])

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from ..model import BiMambaConfig, BiMambaForMaskedLM, BiMambaForSequenceClassification, from_pretrained
+from ..model import (BiMambaConfig, BiMambaForMaskedLM, BiMambaForSequenceClassification,
+                     BiMambaForTokenClassification, from_pretrained)
 from .masking import IGNORE_INDEX, mask_tokens
 
 
@@ -78,29 +79,38 @@ class MaskedLMModule(L.LightningModule):
         return _optimizers(self, self.cfg["optim"], _horizon(self.cfg))
 
 
+def _head_model(cfg: dict, head_cls, **head_kw):
+    """A head model on a backbone taken from a from_pretrained directory, or a fresh one."""
+    if cfg["pretrained"]:
+        source = from_pretrained(cfg["pretrained"])
+        model = head_cls(source.config, **head_kw)
+        model.backbone.load_state_dict(source.backbone.state_dict())
+    else:
+        model = head_cls(BiMambaConfig.from_dict(cfg["model"]), **head_kw)
+    if cfg["classify"]["freeze_backbone"]:
+        model.backbone.requires_grad_(False)
+    return model
+
+
+def _metric_sets(num_classes: int):
+    task = "binary" if num_classes == 2 else "multiclass"
+    kw = {"task": task} if task == "binary" else {"task": task, "num_classes": num_classes}
+    return torch.nn.ModuleDict({
+        split: torchmetrics.MetricCollection({
+            "acc": torchmetrics.Accuracy(**kw), "mcc": torchmetrics.MatthewsCorrCoef(**kw),
+            "auroc": torchmetrics.AUROC(**kw), "f1": torchmetrics.F1Score(**kw)}, prefix=f"{split}_")
+        for split in ("val", "test")})
+
+
 class SequenceClassificationModule(L.LightningModule):
     def __init__(self, cfg: dict):
         super().__init__()
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
         c = cfg["classify"]
-        if cfg["pretrained"]:
-            source = from_pretrained(cfg["pretrained"])
-            model_cfg = source.config
-        else:
-            source, model_cfg = None, BiMambaConfig.from_dict(cfg["model"])
-        self.model = BiMambaForSequenceClassification(model_cfg, num_classes=c["num_classes"], pooling=c["pooling"])
-        if source is not None:
-            self.model.backbone.load_state_dict(source.backbone.state_dict())
-        if c["freeze_backbone"]:
-            self.model.backbone.requires_grad_(False)
-        task = "binary" if c["num_classes"] == 2 else "multiclass"
-        kw = {"task": task} if task == "binary" else {"task": task, "num_classes": c["num_classes"]}
-        self.metrics = torch.nn.ModuleDict({
-            split: torchmetrics.MetricCollection({
-                "acc": torchmetrics.Accuracy(**kw), "mcc": torchmetrics.MatthewsCorrCoef(**kw),
-                "auroc": torchmetrics.AUROC(**kw), "f1": torchmetrics.F1Score(**kw)}, prefix=f"{split}_")
-            for split in ("val", "test")})
+        self.model = _head_model(cfg, BiMambaForSequenceClassification, num_classes=c["num_classes"],
+                                 pooling=c["pooling"])
+        self.metrics = _metric_sets(c["num_classes"])
         self.test_scores = []
 
     def forward(self, batch, conjoin=False):
@@ -140,3 +150,37 @@ class SequenceClassificationModule(L.LightningModule):
 
     def configure_optimizers(self):
         return _optimizers(self, self.cfg["optim"], _horizon(self.cfg))
+
+
+class TokenClassificationModule(SequenceClassificationModule):
+    """Per-position classification (labels from a BED track); metrics over labelled positions."""
+
+    def __init__(self, cfg: dict):
+        L.LightningModule.__init__(self)
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        c = cfg["classify"]
+        self.model = _head_model(cfg, BiMambaForTokenClassification, num_classes=c["num_classes"])
+        self.metrics = _metric_sets(c["num_classes"])
+        self.test_scores = []
+
+    def _flat(self, batch, conjoin):
+        logits = self.model(batch["input_ids"], batch["attention_mask"], conjoin=conjoin)
+        labels = batch["token_labels"]
+        keep = labels != -100
+        return logits[keep], labels[keep]
+
+    def training_step(self, batch, _):
+        logits, labels = self._flat(batch, False)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def _eval(self, batch, split):
+        logits, labels = self._flat(batch, self.cfg["classify"]["conjoin_eval"])
+        loss = F.cross_entropy(logits.float(), labels)
+        self.log(f"{split}_loss", loss, batch_size=len(batch["input_ids"]), sync_dist=True)
+        probs = self._probs(logits)
+        self.metrics[split].update(probs, labels)
+        if split == "test":
+            self.test_scores.append((probs.detach().cpu(), labels.cpu()))

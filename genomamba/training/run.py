@@ -24,8 +24,8 @@ from ..atomic import atomic_open, atomic_path
 from ..errors import InputError
 from ..model import save_pretrained
 from . import plots
-from .data import ClassifyData, PretrainData
-from .modules import MaskedLMModule, SequenceClassificationModule
+from .data import ClassifyData, PretrainData, TokenClassifyData
+from .modules import MaskedLMModule, SequenceClassificationModule, TokenClassificationModule
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -104,8 +104,10 @@ def run(command: str, cfg: dict, ckpt_path=None) -> dict:
     with atomic_open(out / "config.yaml") as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
     pretrain = cfg["task"] == "pretrain"
-    data = PretrainData(cfg) if pretrain else ClassifyData(cfg)
-    module = MaskedLMModule(cfg) if pretrain else SequenceClassificationModule(cfg)
+    data, module = {"pretrain": (PretrainData, MaskedLMModule),
+                    "classify": (ClassifyData, SequenceClassificationModule),
+                    "token_classify": (TokenClassifyData, TokenClassificationModule)}[cfg["task"]]
+    data, module = data(cfg), module(cfg)
     signals = SaveOnSignal(out / "checkpoints")
     trainer = _trainer(cfg, out, [signals] if command == "fit" else [])
     ckpt = resolve_ckpt(ckpt_path, out)

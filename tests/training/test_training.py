@@ -161,3 +161,43 @@ def test_shipped_training_configs_load():
                 pytest.skip(f"../shared/data is absent: {exc}")
             raise
         assert cfg["task"] == "pretrain"
+
+
+def test_token_classification_from_bed_labels(tmp_path):
+    chr20 = REPO.parent / "shared" / "data" / "debian-vt-examples" / "hs37_chr20.fa.gz"
+    if not chr20.exists():
+        pytest.skip(f"human chr20 not found at {chr20}")
+    (tmp_path / "region.bed").write_text("20\t10000000\t10100000\n")
+    cfg = {"task": "token_classify", "output_dir": str(tmp_path / "tok"), "model": {"d_model": 16, "n_layer": 1},
+           "max_length": 512,
+           "data": {"fasta": [str(chr20)], "regions": str(tmp_path / "region.bed"), "window": 512,
+                    "labels_bed": str(REPO / "data" / "giab_NA12878_b37_chr20_10.0-10.1Mb.named20.bed"),
+                    "holdout_fraction": 0.2, "batch_size": 8},
+           "trainer": {"max_steps": 6, "limit_val_batches": 2}}
+    path = tmp_path / "tok.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "-c", str(path)]) == 0
+    assert main(["test", "-c", str(path), "--ckpt_path", "last"]) == 0
+    metrics = json.loads((tmp_path / "tok" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_auroc"] <= 1.0 and (tmp_path / "tok" / "roc.png").exists()
+    from genomamba.model import BiMambaForTokenClassification
+    assert isinstance(from_pretrained(tmp_path / "tok" / "model"), BiMambaForTokenClassification)
+
+
+def test_token_labels_follow_the_strand(tmp_path):
+    from genomamba.datasets import GenomeWindowDataset
+    from genomamba.io import Fasta
+    from genomamba.training.data import TokenLabelledWindows
+    from genomamba.windows import Window
+
+    (tmp_path / "l.bed").write_text("chr1\t100\t110\n")
+    fa = Fasta(REPO / "data" / "ex1.fa")
+    windows = [Window("chr1", 0, 256)] * 8
+    ds = TokenLabelledWindows(GenomeWindowDataset(fa, windows, rc_augment=True, seed=0), tmp_path / "l.bed")
+    flips = set()
+    for i in range(8):
+        item = ds[i]
+        pos = item["token_labels"].nonzero().flatten().tolist()
+        flips.add(item["rc"])
+        assert pos == (list(range(146, 156)) if item["rc"] else list(range(100, 110)))
+    assert flips == {True, False}
