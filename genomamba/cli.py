@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -94,9 +95,10 @@ def _cmd_train(args, overrides) -> int:
     from .training import run
 
     metrics = run(args.command, cfg, ckpt_path=args.ckpt_path)
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-    print(f"{args.command}: {shown}")
-    print(f"outputs in {cfg['output_dir']}")
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # with DDP, only the first process reports
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+        print(f"{args.command}: {shown}")
+        print(f"outputs in {cfg['output_dir']}")
     return 128 + metrics["stopped_by_signal"] if "stopped_by_signal" in metrics else 0
 
 

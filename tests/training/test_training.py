@@ -201,3 +201,23 @@ def test_token_labels_follow_the_strand(tmp_path):
         flips.add(item["rc"])
         assert pos == (list(range(146, 156)) if item["rc"] else list(range(100, 110)))
     assert flips == {True, False}
+
+
+def test_ddp_two_cpu_processes_follow_the_single_process_curve(tmp_path):
+    """Lightning DDP over gloo, 2 processes x batch 4, against 1 process x batch 8."""
+    curves = {}
+    for name, devices, batch in (("one", 1, 8), ("two", 2, 4)):
+        path = pretrain_cfg(tmp_path, name, max_steps=12, checkpoint_every_n_steps=100, devices=devices,
+                            strategy="ddp" if devices > 1 else "auto", accelerator="cpu")
+        cfg = yaml.safe_load(path.read_text())
+        cfg["data"]["batch_size"] = batch
+        path.write_text(yaml.safe_dump(cfg))
+        r = subprocess.run([sys.executable, "-m", "genomamba", "fit", "-c", str(path)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        curves[name] = train_losses(tmp_path / name)
+    for losses in curves.values():
+        steps = sorted(losses)
+        assert sum(losses[s] for s in steps[-3:]) / 3 < sum(losses[s] for s in steps[:3]) / 3 - 0.1
+    last = max(curves["one"])
+    assert abs(curves["one"][last] - curves["two"][last]) < 0.25, curves
