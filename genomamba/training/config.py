@@ -40,7 +40,7 @@ DEFAULTS = {
     "trainer": {"max_steps": 100, "max_epochs": None, "precision": "auto", "accelerator": "auto", "devices": 1,
                 "strategy": "auto", "gradient_clip_val": 1.0, "accumulate_grad_batches": 1,
                 "log_every_n_steps": 1, "val_check_interval": None, "limit_val_batches": None,
-                "checkpoint_every_n_steps": 50},
+                "checkpoint_every_n_steps": 50, "max_time": None},  # max_time "DD:HH:MM:SS" caps wall time
 }
 
 

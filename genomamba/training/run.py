@@ -78,6 +78,8 @@ def _trainer(cfg: dict, out: Path, extra_callbacks=()):
     if t["val_check_interval"] is not None:
         kwargs["val_check_interval"] = t["val_check_interval"]
         kwargs["check_val_every_n_epoch"] = None
+    if t["max_time"] is not None:
+        kwargs["max_time"] = t["max_time"]
     if t["limit_val_batches"] is not None:
         kwargs["limit_val_batches"] = t["limit_val_batches"]
     return L.Trainer(**kwargs)  # CSVLogger without a version: a new logs/version_N per invocation

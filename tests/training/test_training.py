@@ -96,6 +96,12 @@ def test_finetune_from_pretrained_writes_metrics_plots_and_model(tmp_path):
     assert (out / "roc.png").exists() and (out / "pr.png").exists()
     model = from_pretrained(out / "model")
     assert isinstance(model, BiMambaForSequenceClassification)
+    from genomamba.probe import main as probe_main
+
+    probe_main(["--model", str(tmp_path / "pre" / "model"), "--train", GUE, "--test", GUE, "--max-train", "120",
+                "--device", "cpu", "--out", str(tmp_path / "probe.json")])
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["n_train"] == 120 and result["n_test"] == 239 and 0.0 <= result["test_auroc"] <= 1.0
 
 
 def test_print_config_applies_overrides(capsys):
