@@ -86,6 +86,9 @@ class Fasta:
             self._fa = pyfaidx.Fasta(str(self.path), as_raw=True, sequence_always_upper=False,
                                      rebuild=False, build_index=True)
         except Exception as exc:  # pyfaidx, Bio.bgzf, zlib and struct all signal a bad file differently
+            if "BioPython" in str(exc):  # not the file's fault: pyfaidx reads bgzip through Biopython
+                raise InputError(f"cannot read bgzip FASTA: {exc}", path=self.path,
+                                 hint="pip install biopython (a genomamba dependency)") from exc
             raise InputError(f"malformed or truncated FASTA: {exc}", path=self.path,
                              hint="check that every record has a '>' header and equal-length lines; "
                                   "`samtools faidx` reports the same problem") from exc
