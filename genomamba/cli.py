@@ -82,6 +82,15 @@ def _cmd_model_info(args) -> int:
     return 0
 
 
+def _cmd_embed(args) -> int:
+    import torch
+
+    from .embed import run_embed
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return run_embed(args)
+
+
 def _cmd_train(args, overrides) -> int:
     """fit / validate / test from a YAML config with --section.key=value overrides."""
     import yaml
@@ -107,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="genomamba",
         description="Long-context DNA models (bidirectional Mamba) from FASTA/BED/VCF/BAM files.",
         epilog="Exit codes: 0 success, 2 bad input (the message names the file, record and position), "
-               "1 other errors. Coordinates on the command line and in BED are 0-based half-open.")
+               "1 other errors. BED files and output tables are 0-based half-open; --region uses "
+               "samtools notation (1-based, inclusive).")
     p.add_argument("--version", action="version", version=f"genomamba {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -131,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and of its reverse-complement-equivariant (RCPS) variant.")
     mi.add_argument("configs", nargs="+", help="YAML files with a `model:` section (see configs/)")
     mi.set_defaults(func=_cmd_model_info)
+
+    e = sub.add_parser("embed", help="embeddings of intervals or sequences -> .h5 / .npy",
+                       description="Embed BED intervals or one region of a FASTA, or a table/FASTA of sequences, "
+                                   "with a trained model directory. Rows keep the input order; the interval "
+                                   "table is stored alongside.")
+    e.add_argument("--model", required=True, help="model directory (from `genomamba fit` / save_pretrained)")
+    e.add_argument("--fasta", help="reference FASTA (for --bed / --region)")
+    e.add_argument("--bed", help="intervals to embed (0-based half-open)")
+    e.add_argument("--region", help="one region, samtools notation chr:start-end (1-based, inclusive)")
+    e.add_argument("--sequences", help="CSV/TSV with a `sequence` column, or a FASTA of sequences")
+    e.add_argument("--out", required=True, help="OUT.h5 (any shape) or OUT.npy (+ OUT.intervals.tsv)")
+    e.add_argument("--pool", choices=("mean", "max", "first", "last", "none"), default="mean")
+    e.add_argument("--window", type=int, help="tile each interval into windows of this length")
+    e.add_argument("--stride", type=int, help="step between windows (default: --window)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--chunk-len", type=int, default=None, help="run long inputs in chunks of this length")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    e.set_defaults(func=_cmd_embed)
 
     for name, text in (("fit", "train (pretrain or fine-tune) from a YAML config"),
                        ("validate", "evaluate on the validation split"), ("test", "evaluate on the test split")):

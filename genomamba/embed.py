@@ -1,0 +1,164 @@
+"""`genomamba embed`: embeddings of genomic intervals or sequences, to HDF5 or .npy.
+
+Inputs: BED intervals over a FASTA, one samtools-style region (1-based, inclusive: chr:start-end),
+or a table/FASTA of sequences. With --window, each interval is tiled into windows of that length
+(the last one padded) and each window is one row. Output rows keep the input order; the interval
+table (name, contig, start, end; 0-based half-open) is stored alongside: in the .h5 file, or as
+OUT.intervals.tsv next to a .npy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__, tokenizer
+from .atomic import atomic_open, atomic_path
+from .errors import InputError
+from .io import Fasta, iter_records, read_bed
+from .model import BiMambaModel, from_pretrained
+from .windows import tile
+
+
+@dataclass
+class Item:
+    name: str
+    contig: str
+    start: int
+    end: int
+    ids: np.ndarray
+
+
+def parse_region(text: str) -> tuple[str, int, int]:
+    """samtools notation 'chr:start-end' (1-based, inclusive) -> (contig, start0, end) half-open."""
+    m = re.fullmatch(r"(.+):([\d,]+)-([\d,]+)", text.strip())
+    if not m:
+        raise InputError(f"region {text!r} must look like chr:start-end (1-based, inclusive)")
+    start, end = int(m.group(2).replace(",", "")), int(m.group(3).replace(",", ""))
+    if start < 1 or end < start:
+        raise InputError(f"region {text!r}: need 1 <= start <= end")
+    return m.group(1), start - 1, end
+
+
+def genomic_items(fasta: Fasta, intervals, window: int | None, stride: int | None) -> list[Item]:
+    items = []
+    for name, contig, start, end in intervals:
+        real = fasta.resolve(contig)
+        if end > fasta.lengths[real]:
+            raise InputError(f"interval ends at {end:,}, past the contig end ({fasta.lengths[real]:,})",
+                             path=fasta.path, record=contig, position=start)
+        spans = [(start, end)] if window is None else [
+            (w.start, w.end) for w in tile({contig: end - start}, window, stride)]
+        for k, (s, e) in enumerate(spans):
+            s, e = (s, e) if window is None else (start + s, start + e)
+            label = name if window is None else f"{name}#{k}"
+            items.append(Item(label, contig, s, e, fasta.fetch_ids(contig, s, e, pad=True)))
+    return items
+
+
+def sequence_items(path) -> list[Item]:
+    path = Path(path)
+    if path.suffix in (".csv", ".tsv") or path.name.endswith((".csv.gz", ".tsv.gz")):
+        import csv
+        import gzip
+
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", newline="") as fh:
+            first = fh.readline()
+            fh.seek(0)
+            rows = csv.DictReader(fh, delimiter="\t" if "\t" in first else ",")
+            if "sequence" not in (rows.fieldnames or []):
+                raise InputError(f"needs a 'sequence' column, header is {rows.fieldnames}", path=path)
+            return [Item(r.get("name") or f"row{i}", ".", -1, -1,
+                         tokenizer.encode(r["sequence"], record=f"line {i + 2}", source=str(path)))
+                    for i, r in enumerate(rows)]
+    return [Item(name, ".", -1, -1, tokenizer.encode(seq, record=name, source=str(path)))
+            for name, seq in iter_records(path)]
+
+
+@torch.no_grad()
+def embed_items(backbone: BiMambaModel, items: list[Item], *, pool: str, batch_size: int, device: str,
+                chunk_len: int | None = None):
+    """Embeddings in input order: (n, d) pooled, or a list of (L_i, d) arrays for pool='none'."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))  # similar lengths batch together
+    out: list = [None] * len(items)
+    use_amp = device.startswith("cuda")
+    for b in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch", disable=len(order) <= batch_size):
+        idx = order[b: b + batch_size]
+        n = max(len(items[i].ids) for i in idx)
+        ids = torch.full((len(idx), n), tokenizer.PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(idx), n), dtype=torch.bool)
+        for row, i in enumerate(idx):
+            k = len(items[i].ids)
+            ids[row, :k] = torch.from_numpy(items[i].ids)
+            mask[row, :k] = True
+        mask &= ids != tokenizer.PAD_ID
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            e = backbone.embed(ids.to(device), mask.to(device), pool=pool, chunk_len=chunk_len).float().cpu()
+        for row, i in enumerate(idx):
+            out[i] = e[row].numpy() if pool != "none" else e[row, : len(items[i].ids)].numpy()
+    return np.stack(out) if pool != "none" else out
+
+
+def write(out: Path, items: list[Item], emb, *, pool: str, model_dir: str):
+    table = "name\tcontig\tstart\tend\n" + "".join(f"{it.name}\t{it.contig}\t{it.start}\t{it.end}\n" for it in items)
+    if out.suffix == ".npy":
+        if pool == "none" and len({len(x) for x in emb}) > 1:
+            raise InputError("per-position embeddings of different lengths do not fit one .npy; use .h5 or --window")
+        with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.stack(emb) if pool == "none" else emb)
+        with atomic_open(out.with_suffix(".intervals.tsv")) as fh:
+            fh.write(table)
+        return
+    if out.suffix not in (".h5", ".hdf5"):
+        raise InputError(f"output must end in .h5, .hdf5 or .npy, got {out.name!r}")
+    import h5py
+
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        if pool == "none":
+            grp = f.create_group("embeddings")
+            for k, x in enumerate(emb):
+                grp.create_dataset(str(k), data=x.astype(np.float32), compression="gzip")
+        else:
+            f.create_dataset("embeddings", data=emb.astype(np.float32))
+        for col in ("name", "contig"):
+            f.create_dataset(col, data=np.array([getattr(it, col) for it in items], dtype=h5py.string_dtype()))
+        f.create_dataset("start", data=np.array([it.start for it in items], dtype=np.int64))
+        f.create_dataset("end", data=np.array([it.end for it in items], dtype=np.int64))
+        f.attrs.update({"pool": pool, "model": str(model_dir), "genomamba_version": __version__,
+                        "coordinates": "0-based half-open; -1 for sequences without a genomic position"})
+
+
+def run_embed(args) -> int:
+    sources = [args.bed is not None, args.region is not None, args.sequences is not None]
+    if sum(sources) != 1:
+        raise InputError("give exactly one of --bed, --region, --sequences")
+    model = from_pretrained(args.model)
+    backbone = (model if isinstance(model, BiMambaModel) else model.backbone).to(args.device).eval()
+    if args.sequences:
+        items = sequence_items(args.sequences)
+    else:
+        if args.fasta is None:
+            raise InputError("--bed and --region need --fasta")
+        fasta = Fasta(args.fasta)
+        if args.bed:
+            intervals = [(iv.name or f"{iv.contig}:{iv.start}-{iv.end}", iv.contig, iv.start, iv.end)
+                         for iv in read_bed(args.bed)]
+        else:
+            contig, s, e = parse_region(args.region)
+            intervals = [(args.region, contig, s, e)]
+        items = genomic_items(fasta, intervals, args.window, args.stride)
+    if not items:
+        raise InputError("nothing to embed: the input has no intervals or sequences")
+    emb = embed_items(backbone, items, pool=args.pool, batch_size=args.batch_size, device=args.device,
+                      chunk_len=args.chunk_len)
+    write(Path(args.out), items, emb, pool=args.pool, model_dir=args.model)
+    width = emb.shape[-1] if args.pool != "none" else emb[0].shape[-1]
+    print(f"embedded {len(items):,} {'windows' if args.window else 'rows'} (pool={args.pool}, width {width}) "
+          f"-> {args.out}")
+    return 0
