@@ -2,7 +2,9 @@
 
 Same call as `causal_conv1d.causal_conv1d_fn(x, weight, bias, seq_idx, activation)` plus
 `reverse=True`, the anti-causal mirror used by the right-to-left half of a bidirectional block
-(no flipped copy of x is made). Backend choice works as for `selective_scan`.
+(no flipped copy of x is made). Backend choice works as for `selective_scan`. The Triton path is a
+torch.library custom op (with fake and autograd registrations), so torch.compile traces it
+without a graph break.
 """
 
 from __future__ import annotations
@@ -141,37 +143,66 @@ def _launch_args(x, weight, bias, seq_idx):
     return batch, dim, L, W, BD, BT, warps, grid, w, seq
 
 
-class CausalConv1dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, silu, reverse):
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
-        out = torch.empty_like(x)
-        _conv_fwd_kernel[grid](
-            x, w, bias if bias is not None else w, seq if seq is not None else w, out, L, dim, W,
-            x.stride(0), x.stride(1), out.stride(0), out.stride(1), seq.stride(0) if seq is not None else 0,
-            WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu,
-            REVERSE=reverse, HAS_SEQ=seq is not None, num_warps=warps)
-        ctx.save_for_backward(x, weight, bias, seq_idx)
-        ctx.silu, ctx.reverse = silu, reverse
-        return out
+Tensor = torch.Tensor
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias, seq_idx = ctx.saved_tensors
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
-        dx = torch.empty_like(x)
-        dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
-        db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
-        _conv_bwd_kernel[grid](
-            x, w, bias if bias is not None else w, seq if seq is not None else w, dout, dx, dw,
-            db if db is not None else dw, L, dim, W,
-            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
-            seq.stride(0) if seq is not None else 0,
-            WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=ctx.silu,
-            REVERSE=ctx.reverse, HAS_SEQ=seq is not None, num_warps=warps)
-        return (dx, dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None, None, None, None)
+
+@torch.library.custom_op("genomamba::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
+                 reverse: bool) -> Tensor:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
+    out = torch.empty_like(x)
+    _conv_fwd_kernel[grid](
+        x, w, bias if bias is not None else w, seq if seq is not None else w, out, L, dim, W,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), seq.stride(0) if seq is not None else 0,
+        WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu,
+        REVERSE=reverse, HAS_SEQ=seq is not None, num_warps=warps)
+    return out
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, seq_idx, silu, reverse):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("genomamba::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
+                 reverse: bool) -> list[Tensor]:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
+    dx = torch.empty_like(x)
+    dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
+    db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else dw.new_empty(0)
+    _conv_bwd_kernel[grid](
+        x, w, bias if bias is not None else w, seq if seq is not None else w, dout, dx, dw,
+        db if bias is not None else dw, L, dim, W,
+        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
+        seq.stride(0) if seq is not None else 0,
+        WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu,
+        REVERSE=reverse, HAS_SEQ=seq is not None, num_warps=warps)
+    return [dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db]
+
+
+@_conv_bwd_op.register_fake
+def _(dout, x, weight, bias, seq_idx, silu, reverse):
+    return [torch.empty_like(x), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else x.new_empty(0)]
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, seq_idx, silu, reverse = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx)
+    ctx.silu, ctx.reverse = silu, reverse
+
+
+def _conv_backward(ctx, dout):
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dw, db = _conv_bwd_op(dout, x, weight, bias, seq_idx, ctx.silu, ctx.reverse)
+    return dx, dw, (db if bias is not None else None), None, None, None
+
+
+_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def causal_conv1d(x, weight, bias=None, seq_idx=None, activation=None, *, reverse=False, backend=None):
@@ -186,4 +217,5 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, activation=None, *, revers
         raise ValueError(f"weight must be (dim={x.shape[1]}, width), got {tuple(weight.shape)}")
     if resolve_backend(backend, x) == "torch":
         return causal_conv1d_ref(x, weight, bias, activation, seq_idx, reverse)
-    return CausalConv1dFn.apply(x, weight, bias, seq_idx, activation is not None, bool(reverse))
+    seq = seq_idx.to(torch.int32) if seq_idx is not None else None
+    return _conv_fwd_op(x, weight, bias, seq, activation is not None, bool(reverse))

@@ -3,6 +3,8 @@
 Backend choice, in order: the `backend=` argument, the GENOMAMBA_SCAN_BACKEND environment variable
 ("triton" or "torch"), else Triton for CUDA tensors and the chunked PyTorch path otherwise.
 Forcing "triton" on CPU tensors works under TRITON_INTERPRET=1 (that is how CI tests the kernels).
+The Triton path is a pair of torch.library custom ops (forward, backward) with fake-tensor and
+autograd registrations, so torch.compile traces `selective_scan` without a graph break.
 """
 
 from __future__ import annotations
@@ -250,28 +252,69 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddb, dh0
 
 
-class SelectiveScanFn(torch.autograd.Function):
-    """Autograd wrapper: the forward saves only the inputs and the state entering each tile."""
+# The Triton path as torch.library custom ops: opaque to torch.compile (no graph break), with
+# fake implementations for shape propagation and a registered autograd formula.
+Tensor = torch.Tensor
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse):
-        need_grad = any(ctx.needs_input_grad)
-        out, last, tiles, cfg = selective_scan_triton_fwd(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, seq_idx,
-            save_tile_states=need_grad)
-        if need_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles)
-            ctx.cfg, ctx.softplus, ctx.reverse = cfg, delta_softplus, reverse
-        return out, last
 
-    @staticmethod
-    def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = selective_scan_triton_bwd(
-            dout, dlast, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, initial_state, ctx.reverse,
-            seq_idx, tiles, ctx.cfg)
-        return (du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 if initial_state is not None else None,
-                None, None, None)
+@torch.library.custom_op("genomamba::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                 delta_bias: Tensor | None, initial_state: Tensor | None, seq_idx: Tensor | None,
+                 delta_softplus: bool, reverse: bool, save_tiles: bool) -> tuple[Tensor, Tensor, Tensor]:
+    out, last, tiles, _ = selective_scan_triton_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                    initial_state, reverse, seq_idx, save_tile_states=save_tiles)
+    return out, last, (tiles if tiles is not None else u.new_empty(0, dtype=torch.float32))
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse, save_tiles):
+    batch, dim, L = u.shape
+    nstate = A.shape[1]
+    T = _tile_config(nstate, u.device)["T"]
+    tiles = u.new_empty(batch, triton.cdiv(L, T), dim, nstate, dtype=torch.float32) if save_tiles else \
+        u.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(u), u.new_empty(batch, dim, nstate, dtype=torch.float32), tiles
+
+
+@torch.library.custom_op("genomamba::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, initial_state: Tensor | None,
+                 seq_idx: Tensor | None, tiles: Tensor, delta_softplus: bool, reverse: bool) -> list[Tensor]:
+    cfg = _tile_config(A.shape[1], u.device)
+    grads = selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                      initial_state, reverse, seq_idx, tiles, cfg)
+    # custom ops return tensors only: an absent input's gradient travels as an empty tensor
+    return [g if g is not None else u.new_empty(0) for g in grads]
+
+
+@_scan_bwd_op.register_fake
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles, delta_softplus, reverse):
+    like = lambda t, dtype=None: torch.empty_like(t, dtype=dtype) if t is not None else u.new_empty(0)  # noqa: E731
+    batch, dim, _ = u.shape
+    return [like(u), like(delta), like(A, torch.float32), like(B), like(C), like(D, torch.float32), like(z),
+            like(delta_bias, torch.float32), u.new_empty(batch, dim, A.shape[1], dtype=torch.float32)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse, _save = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, output[2])
+    ctx.softplus, ctx.reverse = softplus, reverse
+
+
+def _backward(ctx, dout, dlast, _dtiles):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles = ctx.saved_tensors
+    if tiles.numel() == 0:
+        raise RuntimeError("selective_scan: the forward ran without saving states for a backward "
+                           "(inputs did not require grad when it ran)")
+    du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = _scan_bwd_op(
+        dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles,
+        ctx.softplus, ctx.reverse)
+    keep = lambda g, t: g if t is not None else None  # noqa: E731
+    return (du, ddelta, dA, dB, dC, keep(dD, D), keep(dz, z), keep(ddb, delta_bias),
+            keep(dh0, initial_state), None, None, None, None)
+
+
+_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -298,6 +341,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if resolve_backend(backend, u) == "torch":
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                       initial_state=initial_state, reverse=reverse, seq_idx=seq_idx)
-    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
-                                      bool(delta_softplus), bool(reverse))
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    seq = seq_idx.to(torch.int32) if seq_idx is not None else None
+    out, last, _tiles = _scan_fwd_op(u, delta, A.float(), B, C, D, z, delta_bias, initial_state, seq,
+                                     bool(delta_softplus), bool(reverse), save)
     return (out, last) if return_last_state else out

@@ -57,3 +57,25 @@ def test_conv_bad_arguments():
         causal_conv1d(torch.zeros(1, 2, 5), torch.zeros(2, 4), activation="relu")
     with pytest.raises(ValueError, match="weight must be"):
         causal_conv1d(torch.zeros(1, 2, 5), torch.zeros(3, 4))
+
+
+def test_both_ops_compile_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces conv + scan (Triton custom ops): same values and gradients."""
+    from genomamba_kernels import selective_scan
+
+    torch.manual_seed(0)
+    b, d, L, n = 1, 4, 20, 4
+    x = torch.randn(b, d, L, requires_grad=True)
+    w, dt, A = torch.randn(d, 4), torch.randn(b, d, L), -torch.rand(d, n)
+    B, C, z = torch.randn(b, n, L), torch.randn(b, n, L), torch.randn(b, d, L)
+
+    def f(x):
+        h = causal_conv1d(x, w, None, activation="silu", reverse=True, backend="triton")
+        return selective_scan(h, dt, A, B, C, torch.ones(d), z, None, True, reverse=True, backend="triton").square().sum()
+
+    eager = f(x)
+    eager.backward()
+    g0, x.grad = x.grad.clone(), None
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    out.backward()
+    assert torch.allclose(out, eager, atol=1e-6) and torch.allclose(x.grad, g0, atol=1e-6)
