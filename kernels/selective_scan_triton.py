@@ -114,18 +114,6 @@ def _resets(seq_ptr, s_seq_b, pid_b, p, mask_t, L, HAS_SEQ: tl.constexpr, REVERS
 
 
 @triton.jit
-def _decay(dt, A2, reset, mask_t):
-    """a = exp(dt A) as (T, BD, N); 0 where the state restarts, 1 outside the sequence."""
-    a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-    a = tl.where(reset[:, None, None], 0.0, a)
-    return tl.where(mask_t[:, None, None], a, 1.0)
-
-
-# ---- forward tiles are (T, N, BD): lanes over channels (coalesced 32-byte loads per lane, no
-# layout conversion for u/delta/z/out), N split over warps, T in-thread. The sum over N then costs
-# a few in-thread adds and one cross-warp step instead of 4 shuffles per element.
-
-@triton.jit
 def _fwd_inputs(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k, L,
                 u_base, s_u_d, dl_base, s_dl_d, z_base, s_z_d, B_base, s_B_n, C_base, s_C_n,
                 offs_d, mask_d, offs_n, mask_n, T: tl.constexpr,
