@@ -7,7 +7,6 @@ Every item is a dict with `input_ids` (int64 tensor) and, where there is one, `l
 from __future__ import annotations
 
 import csv
-import gzip
 import os
 from pathlib import Path
 
@@ -18,12 +17,26 @@ from torch.utils.data import Dataset
 from . import tokenizer
 from .errors import InputError
 from .io import Fasta, iter_reads, iter_records, read_bed
+from .io.text import open_text
 
 
-def _open_text(path: Path):
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    return gzip.open(path, "rt", newline="") if magic == b"\x1f\x8b" else open(path, newline="")
+def read_sequence_table(path, *, need_label: bool):
+    """Rows of a CSV/TSV (delimiter from the header line) that has a `sequence` column (and `label`).
+
+    Returns (header fields, [(line number, row dict), ...]); errors name the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("sequence table not found", path=path)
+    with open_text(path) as fh:
+        first = fh.readline()
+        fh.seek(0)
+        reader = csv.DictReader(fh, delimiter="\t" if "\t" in first else ",")
+        needed = ["sequence"] + (["label"] if need_label else [])
+        if not reader.fieldnames or any(k not in reader.fieldnames for k in needed):
+            raise InputError(f"needs {' and '.join(repr(k) for k in needed)} column(s), header is {reader.fieldnames}",
+                             path=path)
+        return reader.fieldnames, list(enumerate(reader, 2))
 
 
 class GenomeWindowDataset(Dataset):
@@ -53,27 +66,17 @@ class LabelledSequenceDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike, *, max_rows: int | None = None, lenient: bool = False):
         self.path = Path(path)
-        if not self.path.exists():
-            raise InputError("sequence table not found", path=self.path)
-        with _open_text(self.path) as fh:
-            first = fh.readline()
-            delim = "\t" if "\t" in first else ","
-            fh.seek(0)
-            reader = csv.DictReader(fh, delimiter=delim)
-            if not reader.fieldnames or "sequence" not in reader.fieldnames or "label" not in reader.fieldnames:
-                raise InputError(f"needs 'sequence' and 'label' columns, header is {reader.fieldnames}", path=self.path)
-            self.sequences, self.labels = [], []
-            for row_no, row in enumerate(reader, 2):
-                if max_rows is not None and len(self.labels) >= max_rows:
-                    break
-                try:
-                    label = int(row["label"])
-                except (TypeError, ValueError):
-                    raise InputError(f"label must be an integer, got {row['label']!r}", path=self.path,
-                                     position=f"line {row_no}") from None
-                self.sequences.append(tokenizer.encode(row["sequence"] or "", lenient=lenient,
-                                                       record=f"line {row_no}", source=str(self.path)))
-                self.labels.append(label)
+        _, rows = read_sequence_table(self.path, need_label=True)
+        self.sequences, self.labels = [], []
+        for row_no, row in rows[:max_rows]:
+            try:
+                label = int(row["label"])
+            except (TypeError, ValueError):
+                raise InputError(f"label must be an integer, got {row['label']!r}", path=self.path,
+                                 position=f"line {row_no}") from None
+            self.sequences.append(tokenizer.encode(row["sequence"] or "", lenient=lenient,
+                                                   record=f"line {row_no}", source=str(self.path)))
+            self.labels.append(label)
         self.num_classes = max(self.labels) + 1 if self.labels else 0
 
     def __len__(self):

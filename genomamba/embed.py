@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import __version__, tokenizer
 from .atomic import atomic_open, atomic_path
+from .datasets import read_sequence_table
 from .errors import InputError
 from .io import Fasta, iter_records, read_bed
 from .model import BiMambaModel, from_pretrained
@@ -64,19 +65,10 @@ def genomic_items(fasta: Fasta, intervals, window: int | None, stride: int | Non
 def sequence_items(path) -> list[Item]:
     path = Path(path)
     if path.suffix in (".csv", ".tsv") or path.name.endswith((".csv.gz", ".tsv.gz")):
-        import csv
-        import gzip
-
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", newline="") as fh:
-            first = fh.readline()
-            fh.seek(0)
-            rows = csv.DictReader(fh, delimiter="\t" if "\t" in first else ",")
-            if "sequence" not in (rows.fieldnames or []):
-                raise InputError(f"needs a 'sequence' column, header is {rows.fieldnames}", path=path)
-            return [Item(r.get("name") or f"row{i}", ".", -1, -1,
-                         tokenizer.encode(r["sequence"], record=f"line {i + 2}", source=str(path)))
-                    for i, r in enumerate(rows)]
+        _, rows = read_sequence_table(path, need_label=False)
+        return [Item(r.get("name") or f"row{line - 2}", ".", -1, -1,
+                     tokenizer.encode(r["sequence"], record=f"line {line}", source=str(path)))
+                for line, r in rows]
     return [Item(name, ".", -1, -1, tokenizer.encode(seq, record=name, source=str(path)))
             for name, seq in iter_records(path)]
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from .text import open_text
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,6 @@ class Interval:
         return self.end - self.start
 
 
-def _open_text(path: Path):
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    return gzip.open(path, "rt") if magic == b"\x1f\x8b" else open(path)
-
-
 def read_bed(path: str | os.PathLike, *, label_column: int | None = None) -> list[Interval]:
     """Read a BED file. `label_column` (0-based) picks a column as the label (e.g. 3 or 6).
 
@@ -39,7 +33,7 @@ def read_bed(path: str | os.PathLike, *, label_column: int | None = None) -> lis
     if not path.exists():
         raise InputError("BED file not found", path=path)
     out = []
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip() or line.startswith(("#", "track", "browser")):
                 continue
