@@ -83,12 +83,47 @@ def _cmd_model_info(args) -> int:
 
 
 def _cmd_embed(args) -> int:
-    import torch
-
     from .embed import run_embed
 
+    return run_embed(_default_device(args))
+
+
+def _default_device(args):
+    import torch
+
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return run_embed(args)
+    return args
+
+
+def _cmd_predict(args) -> int:
+    from .predict import run_predict
+
+    return run_predict(_default_device(args))
+
+
+def _cmd_score_variants(args) -> int:
+    from .score_variants import run_score_variants
+
+    return run_score_variants(_default_device(args))
+
+
+def _cmd_train_variant_classifier(args) -> int:
+    from .variant_classifier import run_train_variant_classifier
+
+    return run_train_variant_classifier(_default_device(args))
+
+
+def _variant_options(parser, *, window_default: int):
+    parser.add_argument("--model", required=True, help="model directory (a masked LM gives the zero-shot LLR too)")
+    parser.add_argument("--fasta", required=True, help="reference FASTA the VCF was called against")
+    parser.add_argument("--vcf", required=True, help="VCF/BCF, plain or bgzipped")
+    parser.add_argument("--window", type=int, default=window_default,
+                        help=f"bp of sequence around each variant, 128..1048576 (default {window_default})")
+    parser.add_argument("--context", type=int, default=8, help="bp either side of the variant that are pooled")
+    parser.add_argument("--max-n", type=float, default=0.1, help="skip variants whose window has more N than this")
+    parser.add_argument("--max-indel", type=int, default=50, help="longest indel to score (bp)")
+    parser.add_argument("--batch-size", type=int, default=8, help="variants per batch (6 windows each)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def _cmd_train(args, overrides) -> int:
@@ -159,6 +194,56 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chunk-len", type=int, default=None, help="run long inputs in chunks of this length")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     e.set_defaults(func=_cmd_embed)
+
+    pr = sub.add_parser("predict", help="model outputs per interval (TSV) or per base along the genome (bedGraph/HDF5)",
+                        description="With a sequence classifier: class probabilities for each BED interval, region "
+                                    "or sequence (TSV). With a token classifier or masked LM: a per-base track over "
+                                    "--region / --bed / --contigs / the whole FASTA, scored in windows with overlap "
+                                    "(only each window's central part is kept), written as bedGraph or HDF5.")
+    pr.add_argument("--model", required=True, help="model directory (from `genomamba fit`)")
+    pr.add_argument("--fasta", help="reference FASTA (plain or bgzip)")
+    pr.add_argument("--bed", help="intervals (0-based half-open)")
+    pr.add_argument("--region", help="one region, samtools notation chr:start-end (1-based, inclusive)")
+    pr.add_argument("--contigs", help="per-base models: comma-separated contigs to score whole (default: all)")
+    pr.add_argument("--sequences", help="sequence classifiers: CSV/TSV with a `sequence` column, or a FASTA")
+    pr.add_argument("--out", required=True, help="OUT.tsv (sequence classifier) or OUT.bedGraph / OUT.h5 (per base)")
+    pr.add_argument("--window", type=int, help="window length in bp, 128..1048576 (per-base default 1024; "
+                                                "for classifiers: tile intervals into rows of this length)")
+    pr.add_argument("--stride", type=int, help="classifiers with --window: step between windows")
+    pr.add_argument("--overlap", type=int, help="per-base: bp shared by consecutive windows (default window/4)")
+    pr.add_argument("--class", dest="target_class", type=int, default=1,
+                    help="token classifiers: which class's probability to write (default 1)")
+    pr.add_argument("--bin", type=int, default=1, help="bedGraph: average scores in bins of this many bp")
+    pr.add_argument("--no-rc-average", action="store_true", help="score the forward strand only (2x faster)")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--workers", type=int, default=0, help="background FASTA-reading processes")
+    pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    pr.set_defaults(func=_cmd_predict)
+
+    sv = sub.add_parser("score-variants", help="score SNVs and small indels of a VCF -> bgzipped VCF (+ TSV)",
+                        description="For every SNV and small indel: the zero-shot masked-LM log-likelihood ratio "
+                                    "(GM_LLR), the ref/alt embedding distance (GM_EMB_DIST) and, with --classifier, "
+                                    "the classifier's probability (GM_PROB), as INFO fields. Every record is kept in "
+                                    "order; those that cannot be scored get a FILTER reason. Output is bgzipped "
+                                    "and tabix-indexed; a count summary goes to stderr.")
+    _variant_options(sv, window_default=1024)
+    sv.add_argument("--out", required=True, help="OUT.vcf.gz (a .tbi index is written next to it)")
+    sv.add_argument("--tsv", help="also write one row per allele here")
+    sv.add_argument("--classifier", help="directory from `genomamba train-variant-classifier`")
+    sv.set_defaults(func=_cmd_score_variants)
+
+    tv = sub.add_parser("train-variant-classifier", help="pathogenic/benign classifier on ref/alt embeddings",
+                        description="Logistic regression and RBF-SVM on strand-averaged ref/alt embeddings of "
+                                    "labelled variants, chosen and evaluated by nested cross-validation with "
+                                    "folds of position blocks; writes the classifier, its metrics, the "
+                                    "out-of-fold predictions and a ROC plot.")
+    _variant_options(tv, window_default=1024)
+    tv.add_argument("--labels", required=True, help="TSV with columns chrom, pos (1-based), ref, alt, label (0/1)")
+    tv.add_argument("--out", required=True, help="output directory")
+    tv.add_argument("--block-size", type=int, default=1_000_000, help="bp per position block (CV groups)")
+    tv.add_argument("--folds", type=int, default=5)
+    tv.add_argument("--seed", type=int, default=0)
+    tv.set_defaults(func=_cmd_train_variant_classifier)
 
     for name, text in (("fit", "train (pretrain or fine-tune) from a YAML config"),
                        ("validate", "evaluate on the validation split"), ("test", "evaluate on the test split")):

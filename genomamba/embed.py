@@ -9,68 +9,17 @@ OUT.intervals.tsv next to a .npy.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__, tokenizer
+from . import __version__
 from .atomic import atomic_open, atomic_path
-from .datasets import read_sequence_table
 from .errors import InputError
-from .io import Fasta, iter_records, read_bed
+from .inputs import Item, items_from_args, pad_batch
 from .model import BiMambaModel, from_pretrained
-from .windows import tile
-
-
-@dataclass
-class Item:
-    name: str
-    contig: str
-    start: int
-    end: int
-    ids: np.ndarray
-
-
-def parse_region(text: str) -> tuple[str, int, int]:
-    """samtools notation 'chr:start-end' (1-based, inclusive) -> (contig, start0, end) half-open."""
-    m = re.fullmatch(r"(.+):([\d,]+)-([\d,]+)", text.strip())
-    if not m:
-        raise InputError(f"region {text!r} must look like chr:start-end (1-based, inclusive)")
-    start, end = int(m.group(2).replace(",", "")), int(m.group(3).replace(",", ""))
-    if start < 1 or end < start:
-        raise InputError(f"region {text!r}: need 1 <= start <= end")
-    return m.group(1), start - 1, end
-
-
-def genomic_items(fasta: Fasta, intervals, window: int | None, stride: int | None) -> list[Item]:
-    items = []
-    for name, contig, start, end in intervals:
-        real = fasta.resolve(contig)
-        if end > fasta.lengths[real]:
-            raise InputError(f"interval ends at {end:,}, past the contig end ({fasta.lengths[real]:,})",
-                             path=fasta.path, record=contig, position=start)
-        spans = [(start, end)] if window is None else [
-            (w.start, w.end) for w in tile({contig: end - start}, window, stride)]
-        for k, (s, e) in enumerate(spans):
-            s, e = (s, e) if window is None else (start + s, start + e)
-            label = name if window is None else f"{name}#{k}"
-            items.append(Item(label, contig, s, e, fasta.fetch_ids(contig, s, e, pad=True)))
-    return items
-
-
-def sequence_items(path) -> list[Item]:
-    path = Path(path)
-    if path.suffix in (".csv", ".tsv") or path.name.endswith((".csv.gz", ".tsv.gz")):
-        _, rows = read_sequence_table(path, need_label=False)
-        return [Item(r.get("name") or f"row{line - 2}", ".", -1, -1,
-                     tokenizer.encode(r["sequence"], record=f"line {line}", source=str(path)))
-                for line, r in rows]
-    return [Item(name, ".", -1, -1, tokenizer.encode(seq, record=name, source=str(path)))
-            for name, seq in iter_records(path)]
 
 
 @torch.no_grad()
@@ -82,14 +31,7 @@ def embed_items(backbone: BiMambaModel, items: list[Item], *, pool: str, batch_s
     use_amp = device.startswith("cuda")
     for b in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch", disable=len(order) <= batch_size):
         idx = order[b: b + batch_size]
-        n = max(len(items[i].ids) for i in idx)
-        ids = torch.full((len(idx), n), tokenizer.PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(idx), n), dtype=torch.bool)
-        for row, i in enumerate(idx):
-            k = len(items[i].ids)
-            ids[row, :k] = torch.from_numpy(items[i].ids)
-            mask[row, :k] = True
-        mask &= ids != tokenizer.PAD_ID
+        ids, mask = pad_batch([items[i].ids for i in idx])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             e = backbone.embed(ids.to(device), mask.to(device), pool=pool, chunk_len=chunk_len).float().cpu()
         for row, i in enumerate(idx):
@@ -127,26 +69,9 @@ def write(out: Path, items: list[Item], emb, *, pool: str, model_dir: str):
 
 
 def run_embed(args) -> int:
-    sources = [args.bed is not None, args.region is not None, args.sequences is not None]
-    if sum(sources) != 1:
-        raise InputError("give exactly one of --bed, --region, --sequences")
     model = from_pretrained(args.model)
     backbone = (model if isinstance(model, BiMambaModel) else model.backbone).to(args.device).eval()
-    if args.sequences:
-        items = sequence_items(args.sequences)
-    else:
-        if args.fasta is None:
-            raise InputError("--bed and --region need --fasta")
-        fasta = Fasta(args.fasta)
-        if args.bed:
-            intervals = [(iv.name or f"{iv.contig}:{iv.start}-{iv.end}", iv.contig, iv.start, iv.end)
-                         for iv in read_bed(args.bed)]
-        else:
-            contig, s, e = parse_region(args.region)
-            intervals = [(args.region, contig, s, e)]
-        items = genomic_items(fasta, intervals, args.window, args.stride)
-    if not items:
-        raise InputError("nothing to embed: the input has no intervals or sequences")
+    items = items_from_args(args)
     emb = embed_items(backbone, items, pool=args.pool, batch_size=args.batch_size, device=args.device,
                       chunk_len=args.chunk_len)
     write(Path(args.out), items, emb, pool=args.pool, model_dir=args.model)

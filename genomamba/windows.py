@@ -105,3 +105,30 @@ def split_windows(windows, *, train=None, val=None, test=None) -> dict[str, list
 def windows_to_array(windows) -> np.ndarray:
     """(n, 2) int64 starts/ends (for storing next to embeddings)."""
     return np.array([(w.start, w.end) for w in windows], dtype=np.int64).reshape(-1, 2)
+
+
+@dataclass(frozen=True)
+class CentredTile:
+    """A model window [start, end) whose central part [keep_start, keep_end) is kept."""
+
+    contig: str
+    start: int
+    end: int
+    keep_start: int
+    keep_end: int
+
+
+def centred_tiles(contig: str, start: int, end: int, length: int, overlap: int) -> list[CentredTile]:
+    """Cover [start, end) exactly with kept pieces of `length - overlap` bp, each at the centre of a
+    `length`-bp window, so every scored base sees at least overlap/2 bp of context on both sides
+    (except at contig ends, where the reader pads). Outputs of consecutive windows never overlap."""
+    check_window(length)
+    if not 0 <= overlap < length:
+        raise InputError(f"overlap must be in 0..{length - 1} for {length:,} bp windows, got {overlap:,}")
+    keep = length - overlap
+    out = []
+    for ks in range(start, end, keep):
+        ke = min(ks + keep, end)
+        ws = ks - (length - (ke - ks)) // 2
+        out.append(CentredTile(contig, ws, ws + length, ks, ke))
+    return out
