@@ -126,6 +126,30 @@ def _variant_options(parser, *, window_default: int):
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def _cmd_index(args) -> int:
+    """Build (or check) the FASTA index and print the contigs."""
+    from .io import Fasta
+
+    fa = Fasta(args.fasta)
+    total = sum(fa.lengths.values())
+    shown = ", ".join(f"{c} ({n:,} bp)" for c, n in list(fa.lengths.items())[:10])
+    more = f" and {len(fa.lengths) - 10} more" if len(fa.lengths) > 10 else ""
+    print(f"{args.fasta}: {len(fa.lengths)} contig(s), {total:,} bp: {shown}{more}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import run_report
+
+    return run_report(args)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
 def _cmd_train(args, overrides) -> int:
     """fit / validate / test from a YAML config with --section.key=value overrides."""
     import yaml
@@ -244,6 +268,36 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--folds", type=int, default=5)
     tv.add_argument("--seed", type=int, default=0)
     tv.set_defaults(func=_cmd_train_variant_classifier)
+
+    ix = sub.add_parser("index", help="index a FASTA (.fai, and .gzi for bgzip) and list its contigs",
+                        description="Build the FASTA index if it is missing (checking line lengths) and print the "
+                                    "contigs. Plain gzip is refused with a bgzip hint.")
+    ix.add_argument("fasta")
+    ix.set_defaults(func=_cmd_index)
+
+    rp = sub.add_parser("report", help="Markdown report of a workflow's metrics and plots",
+                        description="Collect metrics.json and plots of run directories, a score-variants TSV "
+                                    "and a variant-classifier directory into one Markdown page.")
+    rp.add_argument("--pretrain", help="pretraining run directory")
+    rp.add_argument("--finetune", help="fine-tuning run directory")
+    rp.add_argument("--variants", help="TSV from score-variants --tsv")
+    rp.add_argument("--classifier", help="directory from train-variant-classifier")
+    rp.add_argument("--out", required=True, help="report.md")
+    rp.set_defaults(func=_cmd_report)
+
+    d = sub.add_parser("demo", help="run every main command once on the shipped example data (minutes, CPU)",
+                       description="Pretrain a tiny model on phage lambda, fine-tune it on Oct4 vs MafK ChIP-seq "
+                                   "peaks, embed and predict the held-out peaks, write a per-base bedGraph and "
+                                   "score the ClinVar mitochondrial variants; prints each command and where "
+                                   "every output went.")
+    d.add_argument("--out", default="results/demo", help="output directory (default results/demo)")
+    d.add_argument("--data", default=None, help="folder with the example data (default: the checkout's data/)")
+    d.add_argument("--pretrain-steps", type=int, default=40)
+    d.add_argument("--finetune-steps", type=int, default=60)
+    d.add_argument("--train-rows", type=int, default=400, help="training peaks per class")
+    d.add_argument("--variants", type=int, default=60, help="ClinVar MT records to score")
+    d.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    d.set_defaults(func=_cmd_demo)
 
     for name, text in (("fit", "train (pretrain or fine-tune) from a YAML config"),
                        ("validate", "evaluate on the validation split"), ("test", "evaluate on the test split")):
