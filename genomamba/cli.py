@@ -144,6 +144,12 @@ def _cmd_report(args) -> int:
     return run_report(args)
 
 
+def _cmd_benchmark(args) -> int:
+    from .benchmark import run_benchmark
+
+    return run_benchmark(_default_device(args))
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -285,6 +291,26 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="report.md")
     rp.set_defaults(func=_cmd_report)
 
+    b = sub.add_parser("benchmark", help="training/inference speed and memory of a model on this machine",
+                       description="Training step time, inference time, tokens/s and peak memory at each window "
+                                   "length, optionally against a same-width, same-depth SDPA Transformer. Prints "
+                                   "a Markdown table; --out writes OUT.md and OUT.json.")
+    b.add_argument("--config", help="YAML with a `model:` section (default: --d-model/--n-layer)")
+    b.add_argument("--d-model", type=int, default=256)
+    b.add_argument("--n-layer", type=int, default=16)
+    b.add_argument("--lengths", default="1024,8192,131072", help="comma-separated window lengths")
+    b.add_argument("--modes", default="train,infer", help="train, infer or both")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--checkpointing", action="store_true", help="per-layer gradient checkpointing")
+    b.add_argument("--transformer", action="store_true", help="also time a same-size SDPA Transformer")
+    b.add_argument("--transformer-max-length", type=int, default=131072)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--profile", type=int, default=0, help="instead: per-kernel time of one inference at this L")
+    b.add_argument("--out", help="write OUT.md and OUT.json")
+    b.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    b.set_defaults(func=_cmd_benchmark)
+
     d = sub.add_parser("demo", help="run every main command once on the shipped example data (minutes, CPU)",
                        description="Pretrain a tiny model on phage lambda, fine-tune it on Oct4 vs MafK ChIP-seq "
                                    "peaks, embed and predict the held-out peaks, write a per-base bedGraph and "
@@ -305,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description=f"{text[0].upper() + text[1:]}. Any config key can be overridden as "
                                        "--section.key=value (e.g. --trainer.max_steps=200 --data.batch_size=16).")
         t.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
-        t.add_argument("--ckpt_path", default=None, help="'last' to resume the run in output_dir, or a .ckpt file")
+        t.add_argument("--ckpt_path", default=None, help="'last' to resume the run in output_dir (fit) or test its last step; "
+                                                      "'best' for the checkpoint selected on the validation split; or a .ckpt file")
         t.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
         t.set_defaults(func=_cmd_train, takes_overrides=True)
     return p

@@ -83,8 +83,7 @@ class Fasta:
             raise InputError("no .fai index next to the FASTA and its folder is not writable", path=self.path,
                              hint=f"run `samtools faidx {self.path}` where you can write")
         try:
-            self._fa = pyfaidx.Fasta(str(self.path), as_raw=True, sequence_always_upper=False,
-                                     rebuild=False, build_index=True)
+            self._fa = self._open()
         except Exception as exc:  # pyfaidx, Bio.bgzf, zlib and struct all signal a bad file differently
             if "BioPython" in str(exc):  # not the file's fault: pyfaidx reads bgzip through Biopython
                 raise InputError(f"cannot read bgzip FASTA: {exc}", path=self.path,
@@ -92,11 +91,28 @@ class Fasta:
             raise InputError(f"malformed or truncated FASTA: {exc}", path=self.path,
                              hint="check that every record has a '>' header and equal-length lines; "
                                   "`samtools faidx` reports the same problem") from exc
+        self._pid = os.getpid()
         self.lengths = {name: len(rec) for name, rec in self._fa.records.items()}
         self.contigs = ContigResolver(self.lengths, source=str(self.path), allow_alias=allow_alias)
 
+    def _open(self):
+        return pyfaidx.Fasta(str(self.path), as_raw=True, sequence_always_upper=False, rebuild=False,
+                             build_index=True)
+
+    def _handle(self):
+        """This process's file handle. Data-loader workers fork with the parent's open file, whose
+        read offset they would share (interleaved seeks corrupt bgzip reads): each reopens it."""
+        if self._fa is None or self._pid != os.getpid():
+            self._fa, self._pid = self._open(), os.getpid()
+        return self._fa
+
+    def __getstate__(self):  # pickled for spawned workers: the handle is reopened there
+        return {**self.__dict__, "_fa": None, "_pid": None}
+
     def close(self):
-        self._fa.close()
+        if self._fa is not None and self._pid == os.getpid():
+            self._fa.close()
+        self._fa = None
 
     def __enter__(self):
         return self
@@ -137,7 +153,7 @@ class Fasta:
                              hint="coordinates are 0-based half-open; ask for padding to read past the ends")
         lo, hi = max(start, 0), min(end, length)
         try:
-            seq = self._fa[name][lo:hi] if hi > lo else ""
+            seq = self._handle()[name][lo:hi] if hi > lo else ""
         except Exception as exc:  # a corrupt compressed block surfaces here, not at open
             raise InputError(f"cannot read bases: {exc}; the file looks truncated or corrupt", path=self.path,
                              record=contig, position=lo) from exc

@@ -28,6 +28,10 @@ from .data import ClassifyData, PretrainData, TokenClassifyData
 from .modules import MaskedLMModule, SequenceClassificationModule, TokenClassificationModule
 
 
+# What `best.ckpt` is selected on: MCC for classification (as GUE reports it), else the loss.
+SELECTION = {"classify": ("val_mcc", "max"), "pretrain": ("val_loss", "min"), "token_classify": ("val_loss", "min")}
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints appear only once complete (temporary file, then rename)."""
 
@@ -68,11 +72,18 @@ def _trainer(cfg: dict, out: Path, extra_callbacks=()):
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
                            every_n_train_steps=t["checkpoint_every_n_steps"], filename="step{step}",
                            auto_insert_metric_name=False)
+    callbacks = [ckpt]
+    d = cfg["data"]
+    if d["val"] if cfg["task"] == "classify" else (d["holdout_fraction"] or d["val_contigs"]):
+        # best.ckpt: the model selection on the validation split (`--ckpt_path best` tests it)
+        monitor, mode = SELECTION[cfg["task"]]
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
+                                         save_top_k=1, save_last=False, enable_version_counter=False))
     kwargs = dict(max_steps=t["max_steps"] or -1, max_epochs=t["max_epochs"] if t["max_epochs"] is not None else -1,
                   accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"], precision=precision,
                   gradient_clip_val=t["gradient_clip_val"], accumulate_grad_batches=t["accumulate_grad_batches"],
                   log_every_n_steps=t["log_every_n_steps"], default_root_dir=out,
-                  logger=CSVLogger(out, name="logs"), callbacks=[ckpt, *extra_callbacks],
+                  logger=CSVLogger(out, name="logs"), callbacks=[*callbacks, *extra_callbacks],
                   plugins=[AtomicCheckpointIO()], deterministic=False, enable_model_summary=False,
                   reload_dataloaders_every_n_epochs=1 if cfg["data"]["warmup"] else 0)
     if t["val_check_interval"] is not None:
@@ -88,11 +99,13 @@ def _trainer(cfg: dict, out: Path, extra_callbacks=()):
 def resolve_ckpt(ckpt_path, out: Path):
     if ckpt_path in (None, "none"):
         return None
-    if ckpt_path == "last":
-        last = out / "checkpoints" / "last.ckpt"
-        if not last.exists():
-            raise InputError("--ckpt_path last: no last.ckpt to resume from", path=last.parent)
-        return str(last)
+    if ckpt_path in ("last", "best"):
+        path = out / "checkpoints" / f"{ckpt_path}.ckpt"
+        if not path.exists():
+            raise InputError(f"--ckpt_path {ckpt_path}: no {ckpt_path}.ckpt in the run directory"
+                             + (" (best.ckpt needs a validation split)" if ckpt_path == "best" else ""),
+                             path=path.parent)
+        return str(path)
     if not Path(ckpt_path).exists():
         raise InputError("checkpoint not found", path=ckpt_path)
     return ckpt_path

@@ -88,8 +88,10 @@ def test_finetune_from_pretrained_writes_metrics_plots_and_model(tmp_path):
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["fit", "-c", str(path)]) == 0
-    assert main(["test", "-c", str(path), "--ckpt_path", "last"]) == 0
     out = tmp_path / "ft"
+    assert (out / "checkpoints" / "best.ckpt").exists()  # selected on val_mcc
+    assert main(["test", "-c", str(path), "--ckpt_path", "best"]) == 0
+    assert main(["test", "-c", str(path), "--ckpt_path", "last"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for k in ("test_acc", "test_mcc", "test_auroc", "test_f1"):
         assert 0.0 <= metrics[k] <= 1.0 or k == "test_mcc"

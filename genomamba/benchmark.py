@@ -1,0 +1,195 @@
+"""`genomamba benchmark`: how fast is this model on this machine?
+
+For a model config and a list of window lengths: training step time (forward + masked-LM loss +
+backward, batch 1), tokens/s and peak memory; inference (forward, no grad) time, tokens/s and
+peak memory. Optionally the same for a Transformer encoder of the same width and depth built on
+PyTorch's scaled_dot_product_attention (flash backend on GPU), skipped past --transformer-max-length
+or where it runs out of memory. GPU: bf16 autocast, median of CUDA-event timings after warm-up, peak
+= torch.cuda.max_memory_allocated. CPU: fp32, median wall time, peak = the process's max RSS.
+Writes the table as Markdown (printed, and OUT.md) and JSON (OUT.json).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .atomic import atomic_open
+from .model import BiMambaConfig, BiMambaForMaskedLM, load_model_config
+
+
+class SDPATransformer(nn.Module):
+    """Bidirectional pre-norm Transformer encoder (RMSNorm, SDPA attention, GELU MLP 4x) with a
+    16-token embedding and tied LM head: the attention baseline at the same width and depth."""
+
+    def __init__(self, d_model: int, n_layer: int, head_dim: int = 64):
+        super().__init__()
+        self.heads = max(1, d_model // head_dim)
+        self.embedding = nn.Embedding(16, d_model)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.RMSNorm(d_model), "qkv": nn.Linear(d_model, 3 * d_model), "proj": nn.Linear(d_model, d_model),
+            "norm2": nn.RMSNorm(d_model), "fc1": nn.Linear(d_model, 4 * d_model), "fc2": nn.Linear(4 * d_model, d_model),
+        }) for _ in range(n_layer))
+        self.norm_f = nn.RMSNorm(d_model)
+
+    def forward(self, ids):
+        h = self.embedding(ids)
+        b, L, d = h.shape
+        for layer in self.layers:
+            q, k, v = layer["qkv"](layer["norm1"](h)).view(b, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v)
+            h = h + layer["proj"](a.transpose(1, 2).reshape(b, L, d))
+            h = h + layer["fc2"](F.gelu(layer["fc1"](layer["norm2"](h))))
+        return F.linear(self.norm_f(h), self.embedding.weight)
+
+
+def _timer(device: str, warmup: int, repeat: int):
+    def run(fn):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeat):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    return run
+
+
+def _peak_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def measure(model, L: int, *, train: bool, device: str, warmup: int = 2, repeat: int = 5, batch: int = 1):
+    """(ms per step, peak GiB) for one training step or one inference of `batch` x L tokens."""
+    gpu = device.startswith("cuda")
+    ids = torch.randint(7, 11, (batch, L), device=device)
+    mask = torch.rand(batch, L, device=device) < 0.15
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    def forward(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            return model(x)
+
+    if train:
+        model.train()
+
+        def step():
+            logits = forward(ids.masked_fill(mask, 3))
+            F.cross_entropy(logits[mask].float(), ids[mask]).backward()
+            model.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                forward(ids)
+    ms = _timer(device, warmup, repeat)(step)
+    return ms, _peak_gib(device)
+
+
+def profile_inference(model, L: int, device: str, rows: int = 15):
+    """Per-kernel time of one inference (torch.profiler): where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.startswith("cuda")
+    ids = torch.randint(7, 11, (1, L), device=device)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+        model(ids)
+        activities = [ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
+            model(ids)
+            if gpu:
+                torch.cuda.synchronize()
+    key = "cuda_time_total" if gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def run_benchmark(args) -> int:
+    device = args.device
+    gpu = device.startswith("cuda")
+    cfg = load_model_config(args.config) if args.config else BiMambaConfig(d_model=args.d_model, n_layer=args.n_layer)
+    if args.checkpointing:
+        cfg = BiMambaConfig.from_dict({**cfg.to_dict(), "gradient_checkpointing": True})
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    model = BiMambaForMaskedLM(cfg).to(device)
+    if args.profile:
+        profile_inference(model, args.profile, device)
+        return 0
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = []
+    candidates = [("genomamba BiMamba", model, n_params)]
+    if args.transformer:
+        tf = SDPATransformer(cfg.d_model, cfg.n_layer).to(device)
+        candidates.append(("SDPA Transformer", tf, sum(p.numel() for p in tf.parameters())))
+    modes = [m for m in ("train", "infer") if m in args.modes.split(",")]
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()}, " \
+        f"{torch.get_num_threads()} threads)"
+    header = (f"{machine}; torch {torch.__version__}; {when}; d_model {cfg.d_model}, {cfg.n_layer} layers, "
+              f"RCPS {'on' if cfg.rc_equivariant else 'off'}, checkpointing {'on' if args.checkpointing else 'off'}, "
+              f"batch {args.batch}, {'bf16 autocast' if gpu else 'fp32'}")
+    print(f"# {header}")
+    print("| model | parameters | mode | L | ms | tokens/s | peak GiB |\n|---|---|---|---|---|---|---|", flush=True)
+    for name, m, params in candidates:
+        for mode in modes:
+            for L in lengths:
+                row = {"model": name, "parameters": params, "mode": mode, "length": L, "batch": args.batch}
+                if name.startswith("SDPA") and L > args.transformer_max_length:
+                    row["skipped"] = f"longer than --transformer-max-length {args.transformer_max_length}"
+                else:
+                    try:
+                        ms, gib = measure(m, L, train=mode == "train", device=device, warmup=args.warmup,
+                                          repeat=args.repeat, batch=args.batch)
+                        row.update(ms=round(ms, 2), tokens_per_s=round(args.batch * L / ms * 1e3),
+                                   peak_gib=round(gib, 2))
+                    except torch.OutOfMemoryError:
+                        row["skipped"] = "out of memory"
+                    finally:
+                        if gpu:
+                            torch.cuda.empty_cache()
+                rows.append(row)
+                cells = [f"{row['ms']:.1f}", f"{row['tokens_per_s'] / 1e6:.3f} M", f"{row['peak_gib']:.2f}"] \
+                    if "ms" in row else [row["skipped"], "", ""]
+                print(f"| {name} | {params / 1e6:.2f} M | {mode} | {L:,} | " + " | ".join(cells) + " |", flush=True)
+    if args.transformer:  # speed-up of BiMamba over attention where both ran
+        by = {(r["model"], r["mode"], r["length"]): r for r in rows if "ms" in r}
+        for (name, mode, L), r in sorted(by.items()):
+            other = by.get(("SDPA Transformer", mode, L))
+            if name.startswith("genomamba") and other:
+                print(f"speed-up over SDPA Transformer, {mode} at L={L:,}: {other['ms'] / r['ms']:.1f}x")
+    if args.out:
+        out = Path(args.out)
+        with atomic_open(out.with_suffix(".json")) as fh:
+            json.dump({"header": header, "config": cfg.to_dict(), "rows": rows}, fh, indent=2)
+        with atomic_open(out.with_suffix(".md")) as fh:
+            fh.write(f"{header}\n\n| model | mode | L | ms | tokens/s | peak GiB |\n|---|---|---|---|---|---|\n")
+            for r in rows:
+                cells = [f"{r['ms']:.1f}", f"{r['tokens_per_s']:,}", f"{r['peak_gib']:.2f}"] if "ms" in r \
+                    else [r["skipped"], "", ""]
+                fh.write(f"| {r['model']} | {r['mode']} | {r['length']:,} | " + " | ".join(cells) + " |\n")
+        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    return 0
