@@ -273,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--block-size", type=int, default=1_000_000, help="bp per position block (CV groups)")
     tv.add_argument("--folds", type=int, default=5)
     tv.add_argument("--seed", type=int, default=0)
+    tv.add_argument("--finetune-steps", type=int, default=0,
+                    help="also fine-tune the backbone with a variant head (Lightning) for this many steps on the "
+                         "first outer fold, and compare with scikit-learn on the same fold")
+    tv.add_argument("--finetune-lr", type=float, default=1e-3)
     tv.set_defaults(func=_cmd_train_variant_classifier)
 
     ix = sub.add_parser("index", help="index a FASTA (.fai, and .gzi for bgzip) and list its contigs",

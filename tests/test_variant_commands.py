@@ -121,8 +121,14 @@ def test_variant_classifier_end_to_end(tmp_path, data, lm, capsys):
     clf = tmp_path / "clf"
     assert main(["train-variant-classifier", "--model", str(lm[0]), "--fasta", str(fasta), "--vcf", str(vcf),
                  "--labels", str(data / "clinvar_b37_MT_binary_labels.tsv"), "--window", "128",
-                 "--block-size", "1000", "--out", str(clf), "--device", "cpu", "--batch-size", "64"]) == 0
+                 "--block-size", "1000", "--out", str(clf), "--device", "cpu", "--batch-size", "64",
+                 "--finetune-steps", "4"]) == 0
     meta = json.loads((clf / "classifier.json").read_text())
+    # the Lightning path: backbone fine-tuned with a variant head on the first outer fold
+    assert 0 <= meta["metrics"]["finetune_fold0_auroc"] <= 1 and meta["metrics"]["fold0_test_variants"] > 0
+    from genomamba.model import BiMambaForVariantClassification, from_pretrained
+
+    assert isinstance(from_pretrained(clf / "finetuned_model"), BiMambaForVariantClassification)
     assert meta["n_variants"] == 371 and meta["n_pathogenic"] == 264 and meta["n_benign"] == 107
     assert 0 <= meta["metrics"]["cv_auroc"] <= 1 and len(meta["metrics"]["cv_auroc_per_fold"]) == 5
     assert (clf / "roc.png").stat().st_size > 1000
