@@ -118,6 +118,11 @@ class BedIntervalDataset(Dataset):
         labels = [iv.label for iv in self.intervals]
         if label_column is not None:
             self.label_map = label_map or {v: i for i, v in enumerate(sorted(set(labels)))}
+            for iv in self.intervals:
+                if iv.label not in self.label_map:
+                    raise InputError(f"label {iv.label!r} (column {label_column}) is not one of "
+                                     f"{sorted(self.label_map)}", path=bed if not isinstance(bed, list) else None,
+                                     record=f"{iv.contig}:{iv.start}-{iv.end}")
         else:
             self.label_map = None
 

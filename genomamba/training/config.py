@@ -29,7 +29,9 @@ DEFAULTS = {
         "holdout_fraction": 0.0,   # pretrain with one contig: the last fraction of each contig is validation
         "warmup": [],              # [[window, epochs], ...] sequence-length warmup, constant tokens/step
         "batch_size": 8, "num_workers": 0,
-        "train": None, "val": None, "test": None,   # classify: CSV/TSV (sequence,label) or lists of FASTA (one per class)
+        "train": None, "val": None, "test": None,   # classify: CSV/TSV (sequence,label), lists of FASTA (one
+                                                    # per class), or BED intervals over data.fasta (label in a column)
+        "bed_label_column": 3,     # classify from BED: 0-based column holding the class (0..num_classes-1)
         "max_rows": None,
         "regions": None,           # pretrain / token_classify: only tile these BED regions
         "labels_bed": None,        # token_classify: positions inside these intervals are class 1
@@ -82,6 +84,10 @@ def load_config(path=None, overrides=()) -> dict:
     return cfg
 
 
+def is_bed(path: str) -> bool:
+    return path.endswith((".bed", ".bed.gz"))
+
+
 def validate(cfg: dict, source: str) -> None:
     if cfg["task"] not in ("pretrain", "classify", "token_classify"):
         raise InputError(f"task must be pretrain, classify or token_classify, got {cfg['task']!r}", path=source)
@@ -101,7 +107,7 @@ def validate(cfg: dict, source: str) -> None:
             raise InputError(f"window {w:,} is outside {MIN_WINDOW}..{MAX_WINDOW:,}", path=source)
     check_disjoint_splits(train=d["train_contigs"], val=d["val_contigs"], test=d["test_contigs"])
     genomic = cfg["task"] != "classify"
-    files = (d["fasta"] + [d["regions"], d["labels_bed"]]) if genomic else [d["train"], d["val"], d["test"]]
+    files = (d["fasta"] + [d["regions"], d["labels_bed"]]) if genomic else [d["train"], d["val"], d["test"], *d["fasta"]]
     if genomic and not d["fasta"]:
         raise InputError("data.fasta lists no FASTA file", path=source)
     if cfg["task"] == "token_classify" and d["labels_bed"] is None:
@@ -110,6 +116,10 @@ def validate(cfg: dict, source: str) -> None:
         for p in (f if isinstance(f, list) else [f]):
             if p is not None and not Path(p).exists():
                 raise InputError(f"data file {p!r} not found", path=source)
+    beds = [x for x in (d["train"], d["val"], d["test"]) if isinstance(x, str) and is_bed(x)]
+    if cfg["task"] == "classify" and beds and len(d["fasta"]) != 1:
+        raise InputError(f"classification from BED ({beds[0]}) needs exactly one data.fasta to read the "
+                         f"intervals from, got {len(d['fasta'])}", path=source)
     if cfg["task"] == "classify" and d["train"] is None:
         raise InputError("classify needs data.train (a sequence,label CSV or a list of FASTA files)", path=source)
     if not 0 <= d["holdout_fraction"] < 1:

@@ -6,10 +6,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ..datasets import GenomeWindowDataset, LabelledFastaDataset, LabelledSequenceDataset, collate
+from ..datasets import BedIntervalDataset, GenomeWindowDataset, LabelledFastaDataset, LabelledSequenceDataset, collate
 from ..io import Fasta, read_bed
 from ..tokenizer import PAD_ID
 from ..windows import Window, filter_by_n, split_windows
+from .config import is_bed
 
 
 class EpochPermutation(Sampler):
@@ -121,6 +122,10 @@ class ClassifyData(L.LightningDataModule):
     def _dataset(self, spec):
         if isinstance(spec, list):
             return LabelledFastaDataset(spec)
+        if is_bed(spec):  # intervals over the one data.fasta, class in a BED column, '-' strand read as RC
+            k = self.cfg["classify"]["num_classes"]
+            return BedIntervalDataset(self.d["fasta"][0], spec, label_column=self.d["bed_label_column"],
+                                      label_map={str(i): i for i in range(k)})
         return LabelledSequenceDataset(spec, max_rows=self.d["max_rows"])
 
     def _loader(self, split):

@@ -229,3 +229,27 @@ def test_ddp_two_cpu_processes_follow_the_single_process_curve(tmp_path):
         assert sum(losses[s] for s in steps[-3:]) / 3 < sum(losses[s] for s in steps[:3]) / 3 - 0.1
     last = max(curves["one"])
     assert abs(curves["one"][last] - curves["two"][last]) < 0.25, curves
+
+
+def test_classify_from_bed_intervals_over_a_fasta(tmp_path, capsys):
+    """BED + FASTA classification: class in the name column, '-' strand read as reverse complement."""
+    rows = [f"NC_001416.1_Enterobacteria_phage_lambda\t{s}\t{s + 150}\t{k % 2}\t0\t{'+-'[k % 3 == 0]}"
+            for k, s in enumerate(range(0, 30000, 500))]
+    (tmp_path / "iv.bed").write_text("\n".join(rows) + "\n")
+    cfg = {"task": "classify", "output_dir": str(tmp_path / "bedcls"), "model": {"d_model": 16, "n_layer": 1},
+           "max_length": 1024, "data": {"fasta": [LAMBDA], "train": str(tmp_path / "iv.bed"),
+                                        "val": str(tmp_path / "iv.bed"), "test": str(tmp_path / "iv.bed"),
+                                        "batch_size": 8},
+           "trainer": {"max_steps": 4, "val_check_interval": 2, "limit_val_batches": 1}}
+    path = tmp_path / "bed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "-c", str(path)]) == 0
+    assert main(["test", "-c", str(path), "--ckpt_path", "best"]) == 0
+    metrics = json.loads((tmp_path / "bedcls" / "metrics.json").read_text())
+    assert 0 <= metrics["test_auroc"] <= 1
+    (tmp_path / "bad.bed").write_text(rows[0].replace("\t0\t0\t", "\t7\t0\t") + "\n")
+    capsys.readouterr()
+    assert main(["fit", "-c", str(path), f"--data.train={tmp_path / 'bad.bed'}"]) == 2
+    assert "bad.bed" in capsys.readouterr().err
+    with pytest.raises(InputError, match="exactly one data.fasta"):
+        load_config(path, [f"--data.fasta=[{LAMBDA},{LAMBDA}]"])
