@@ -95,7 +95,13 @@ def _default_device(args):
     return args
 
 
-def _cmd_predict(args) -> int:
+def _cmd_predict(args, overrides) -> int:
+    if args.config:  # LightningCLI style: the config's test split through its trained model
+        return _cmd_train(args, overrides)
+    if overrides:
+        raise SystemExit(f"genomamba predict: unrecognized arguments: {' '.join(overrides)}")
+    if not args.model or not args.out:
+        raise SystemExit("genomamba predict: give --model DIR and --out (or -c CONFIG for a classification run)")
     from .predict import run_predict
 
     return run_predict(_default_device(args))
@@ -230,13 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or sequence (TSV). With a token classifier or masked LM: a per-base track over "
                                     "--region / --bed / --contigs / the whole FASTA, scored in windows with overlap "
                                     "(only each window's central part is kept), written as bedGraph or HDF5.")
-    pr.add_argument("--model", required=True, help="model directory (from `genomamba fit`)")
+    pr.add_argument("--model", help="model directory (from `genomamba fit`)")
+    pr.add_argument("-c", "--config", help="instead of --model: a classification config; writes class probabilities "
+                                           "for its data.test to output_dir/predictions.tsv (--ckpt_path best|last)")
+    pr.add_argument("--ckpt_path", default=None, help="with -c: 'best', 'last' or a .ckpt file")
+    pr.add_argument("--print_config", action="store_true", help=argparse.SUPPRESS)
     pr.add_argument("--fasta", help="reference FASTA (plain or bgzip)")
     pr.add_argument("--bed", help="intervals (0-based half-open)")
     pr.add_argument("--region", help="one region, samtools notation chr:start-end (1-based, inclusive)")
     pr.add_argument("--contigs", help="per-base models: comma-separated contigs to score whole (default: all)")
     pr.add_argument("--sequences", help="sequence classifiers: CSV/TSV with a `sequence` column, or a FASTA")
-    pr.add_argument("--out", required=True, help="OUT.tsv (sequence classifier) or OUT.bedGraph / OUT.h5 (per base)")
+    pr.add_argument("--out", help="OUT.tsv (sequence classifier) or OUT.bedGraph / OUT.h5 (per base)")
     pr.add_argument("--window", type=int, help="window length in bp, 128..1048576 (per-base default 1024; "
                                                 "for classifiers: tile intervals into rows of this length)")
     pr.add_argument("--stride", type=int, help="classifiers with --window: step between windows")
@@ -248,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--workers", type=int, default=0, help="background FASTA-reading processes")
     pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    pr.set_defaults(func=_cmd_predict)
+    pr.set_defaults(func=_cmd_predict, takes_overrides=True)
 
     sv = sub.add_parser("score-variants", help="score SNVs and small indels of a VCF -> bgzipped VCF (+ TSV)",
                         description="For every SNV and small indel: the zero-shot masked-LM log-likelihood ratio "

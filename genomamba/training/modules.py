@@ -148,6 +148,12 @@ class SequenceClassificationModule(L.LightningModule):
         self.log_dict(self.metrics["test"].compute(), sync_dist=True)
         self.metrics["test"].reset()
 
+    def predict_step(self, batch, _):
+        """(probabilities of every class, labels or -1): `genomamba predict -c` on the test split."""
+        probs = self(batch, conjoin=self.cfg["classify"]["conjoin_eval"]).float().softmax(-1)
+        labels = batch.get("label", torch.full((len(probs),), -1, dtype=torch.long))
+        return probs.cpu(), labels.cpu()
+
     def configure_optimizers(self):
         return _optimizers(self, self.cfg["optim"], _horizon(self.cfg))
 

@@ -112,7 +112,11 @@ def resolve_ckpt(ckpt_path, out: Path):
 
 
 def run(command: str, cfg: dict, ckpt_path=None) -> dict:
-    """command: fit | validate | test. Returns the metrics it wrote to metrics.json."""
+    """command: fit | validate | test | predict. Returns the metrics it wrote to metrics.json (predict:
+    where predictions.tsv went)."""
+    if command == "predict" and (cfg["task"] != "classify" or cfg["data"]["test"] is None):
+        raise InputError("`genomamba predict -c` writes class probabilities for a classification config's "
+                         "data.test; for per-base tracks and other inputs use `genomamba predict --model DIR`")
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +141,15 @@ def run(command: str, cfg: dict, ckpt_path=None) -> dict:
         trainer.validate(module, datamodule=data, ckpt_path=ckpt)
     elif command == "test":
         trainer.test(module, datamodule=data, ckpt_path=ckpt)
+    elif command == "predict":
+        batches = trainer.predict(module, dataloaders=data._loader("test"), ckpt_path=ckpt)
+        probs = torch.cat([p for p, _ in batches]).numpy()
+        labels = torch.cat([y for _, y in batches]).numpy()
+        with atomic_open(out / "predictions.tsv") as fh:
+            fh.write("row\tlabel\t" + "\t".join(f"prob_{k}" for k in range(probs.shape[1])) + "\tpredicted\n")
+            for i, (p, y) in enumerate(zip(probs, labels)):
+                fh.write(f"{i}\t{y if y >= 0 else '.'}\t" + "\t".join(f"{x:.6g}" for x in p) + f"\t{p.argmax()}\n")
+        return {"predictions": str(out / "predictions.tsv"), "rows": len(probs)}
     else:
         raise InputError(f"unknown command {command!r}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -247,6 +247,10 @@ def test_classify_from_bed_intervals_over_a_fasta(tmp_path, capsys):
     assert main(["test", "-c", str(path), "--ckpt_path", "best"]) == 0
     metrics = json.loads((tmp_path / "bedcls" / "metrics.json").read_text())
     assert 0 <= metrics["test_auroc"] <= 1
+    assert main(["predict", "-c", str(path), "--ckpt_path", "best"]) == 0  # LightningCLI-style predict
+    pred = (tmp_path / "bedcls" / "predictions.tsv").read_text().splitlines()
+    assert pred[0].split("\t") == ["row", "label", "prob_0", "prob_1", "predicted"] and len(pred) == 1 + len(rows)
+    assert [line.split("\t")[1] for line in pred[1:]] == [str(k % 2) for k in range(len(rows))]
     (tmp_path / "bad.bed").write_text(rows[0].replace("\t0\t0\t", "\t7\t0\t") + "\n")
     capsys.readouterr()
     assert main(["fit", "-c", str(path), f"--data.train={tmp_path / 'bad.bed'}"]) == 2
