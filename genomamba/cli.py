@@ -129,7 +129,7 @@ def _variant_options(parser, *, window_default: int):
     parser.add_argument("--max-n", type=float, default=0.1, help="skip variants whose window has more N than this")
     parser.add_argument("--max-indel", type=int, default=50, help="longest indel to score (bp)")
     parser.add_argument("--batch-size", type=int, default=8, help="variants per batch (6 windows each)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _add_device(parser)
 
 
 def _cmd_index(args) -> int:
@@ -182,6 +182,10 @@ def _cmd_train(args, overrides) -> int:
     return 128 + metrics["stopped_by_signal"] if "stopped_by_signal" in metrics else 0
 
 
+def _add_device(parser):
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="genomamba",
@@ -228,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, help="step between windows (default: --window)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--chunk-len", type=int, default=None, help="run long inputs in chunks of this length")
-    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _add_device(e)
     e.set_defaults(func=_cmd_embed)
 
     pr = sub.add_parser("predict", help="model outputs per interval (TSV) or per base along the genome (bedGraph/HDF5)",
@@ -257,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-rc-average", action="store_true", help="score the forward strand only (2x faster)")
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--workers", type=int, default=0, help="background FASTA-reading processes")
-    pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    pr.add_argument("--devices", type=int, default=1,
+                    help="per-base tracks: share the windows among this many GPUs (or CPU processes) via Lightning DDP")
+    _add_device(pr)
     pr.set_defaults(func=_cmd_predict, takes_overrides=True)
 
     sv = sub.add_parser("score-variants", help="score SNVs and small indels of a VCF -> bgzipped VCF (+ TSV)",
@@ -322,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--profile", type=int, default=0, help="instead: per-kernel time of one inference at this L")
     b.add_argument("--out", help="write OUT.md and OUT.json")
-    b.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    _add_device(b)
     b.set_defaults(func=_cmd_benchmark)
 
     d = sub.add_parser("demo", help="run every main command once on the shipped example data (minutes, CPU)",
@@ -336,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--finetune-steps", type=int, default=60)
     d.add_argument("--train-rows", type=int, default=400, help="training peaks per class")
     d.add_argument("--variants", type=int, default=60, help="ClinVar MT records to score")
-    d.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    _add_device(d)
     d.set_defaults(func=_cmd_demo)
 
     for name, text in (("fit", "train (pretrain or fine-tune) from a YAML config"),

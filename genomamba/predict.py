@@ -9,7 +9,8 @@ Two kinds of output, chosen by the model directory's head:
   central `window - overlap` bp of each window are kept, so every base is scored with at least
   overlap/2 bp of context on each side and whole chromosomes can be scored in windows of up to
   1,048,576 bp. Written as bedGraph (genome browsers) or HDF5 (one float32 array per region).
-Both strands are scored and averaged unless --no-rc-average.
+Both strands are scored and averaged unless --no-rc-average. With --devices N the tiles are shared
+among N processes by Lightning (DDP); the first one merges them and writes the same file.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -94,11 +97,7 @@ def _regions(args, fasta: Fasta) -> list[tuple[str, str, int, int]]:
 def predict_track(model, fasta_path, regions, *, window: int, overlap: int, batch_size: int, device: str,
                   target_class: int = 1, rc_average: bool = True, workers: int = 0) -> list[np.ndarray]:
     """One float32 array per region (NaN where unscored), from centred tiles."""
-    tiles, owner = [], []
-    for k, (_, contig, s, e) in enumerate(regions):
-        for t in centred_tiles(contig, s, e, window, overlap):
-            tiles.append(t)
-            owner.append(k)
+    tiles, owner = _tiles(regions, window, overlap)
     tracks = [np.full(e - s, np.nan, dtype=np.float32) for _, _, s, e in regions]
     loader = DataLoader(TileDataset(fasta_path, tiles), batch_size=batch_size, collate_fn=_collate,
                         num_workers=workers, pin_memory=device.startswith("cuda"),
@@ -110,13 +109,77 @@ def predict_track(model, fasta_path, regions, *, window: int, overlap: int, batc
             ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 scores = per_base_scores(model, ids, mask, target_class=target_class, rc_average=rc_average)
-            scores = scores.cpu().numpy()
-            for row, i in enumerate(idx):
-                t, k = tiles[i], owner[i]
-                region_start = regions[k][2]
-                tracks[k][t.keep_start - region_start: t.keep_end - region_start] = \
-                    scores[row, t.keep_start - t.start: t.keep_end - t.start]
-                bar.update(t.keep_end - t.keep_start)
+            _place(tracks, tiles, owner, regions, idx, scores.cpu().numpy())
+            bar.update(sum(tiles[i].keep_end - tiles[i].keep_start for i in idx))
+    return tracks
+
+
+def _tiles(regions, window, overlap):
+    """Centred tiles over every region, and the region each belongs to."""
+    tiles, owner = [], []
+    for k, (_, contig, s, e) in enumerate(regions):
+        for t in centred_tiles(contig, s, e, window, overlap):
+            tiles.append(t)
+            owner.append(k)
+    return tiles, owner
+
+
+def _place(tracks, tiles, owner, regions, idx, scores):
+    """Copy the kept part of each scored tile into its region's track."""
+    for row, i in enumerate(idx):
+        t, k = tiles[i], owner[i]
+        region_start = regions[k][2]
+        tracks[k][t.keep_start - region_start: t.keep_end - region_start] = \
+            scores[row, t.keep_start - t.start: t.keep_end - t.start]
+
+
+class _TrackModule(L.LightningModule):
+    """predict_step -> (tile indices, per-base scores) for Lightning's sharded prediction."""
+
+    def __init__(self, model, target_class: int, rc_average: bool):
+        super().__init__()
+        self.model, self.target_class, self.rc_average = model, target_class, rc_average
+
+    def predict_step(self, batch, _):
+        idx, ids, mask = batch
+        return torch.as_tensor(idx), per_base_scores(self.model, ids, mask, target_class=self.target_class,
+                                                     rc_average=self.rc_average).float().cpu()
+
+
+class _ShardWriter(BasePredictionWriter):
+    """Each process saves its share of the tiles; the first process merges them."""
+
+    def __init__(self, directory: Path):
+        super().__init__(write_interval="epoch")
+        self.directory = directory
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        torch.save(predictions, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def predict_track_sharded(model, fasta_path, regions, *, window: int, overlap: int, batch_size: int, devices: int,
+                          accelerator: str, shard_dir: Path, target_class: int = 1, rc_average: bool = True,
+                          workers: int = 0):
+    """predict_track over `devices` processes (Lightning DDP: each scores a share of the tiles).
+    Returns the tracks in the first process and None in the others."""
+    tiles, owner = _tiles(regions, window, overlap)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        precision="bf16-mixed" if accelerator == "gpu" else "32-true", logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                        callbacks=[_ShardWriter(shard_dir)])
+    loader = DataLoader(TileDataset(fasta_path, tiles), batch_size=batch_size, collate_fn=_collate,
+                        num_workers=workers)
+    trainer.predict(_TrackModule(model, target_class, rc_average), loader, return_predictions=False)
+    trainer.strategy.barrier()
+    if trainer.global_rank != 0:
+        return None
+    tracks = [np.full(e - s, np.nan, dtype=np.float32) for _, _, s, e in regions]
+    for shard in sorted(shard_dir.glob("rank*.pt")):
+        for idx, scores in torch.load(shard, weights_only=True):
+            _place(tracks, tiles, owner, regions, idx.tolist(), scores.numpy())
+        shard.unlink()
+    shard_dir.rmdir()
     return tracks
 
 
@@ -188,6 +251,8 @@ def run_predict(args) -> int:
     rc_average = not args.no_rc_average
     t0 = time.perf_counter()
     if isinstance(model, BiMambaForSequenceClassification):
+        if args.devices > 1:
+            raise InputError("--devices > 1 shards per-base tracks; a sequence classifier runs on one device")
         if out.suffix.lower() != ".tsv":
             raise InputError(f"a sequence classifier writes one row per interval: use OUT.tsv, got {out.name!r}")
         items = items_from_args(args)
@@ -216,9 +281,18 @@ def run_predict(args) -> int:
     if not is_lm and not 0 <= args.target_class < model.head_config["num_classes"]:
         raise InputError(f"--class {args.target_class} is not a class of this model "
                          f"(0..{model.head_config['num_classes'] - 1})")
-    tracks = predict_track(model, args.fasta, regions, window=window, overlap=overlap, batch_size=args.batch_size,
-                           device=args.device, target_class=args.target_class, rc_average=rc_average,
-                           workers=args.workers)
+    if args.devices > 1:
+        accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
+        tracks = predict_track_sharded(model.cpu(), args.fasta, regions, window=window, overlap=overlap,
+                                       batch_size=args.batch_size, devices=args.devices, accelerator=accelerator,
+                                       shard_dir=out.parent / f".{out.name}.shards", target_class=args.target_class,
+                                       rc_average=rc_average, workers=args.workers)
+        if tracks is None:  # not the first process: it only scored its share
+            return 0
+    else:
+        tracks = predict_track(model, args.fasta, regions, window=window, overlap=overlap,
+                               batch_size=args.batch_size, device=args.device, target_class=args.target_class,
+                               rc_average=rc_average, workers=args.workers)
     t1 = time.perf_counter()
     score = "probability of the reference base (masked-LM head, unmasked input)" if is_lm else \
         f"probability of class {args.target_class}"

@@ -111,3 +111,21 @@ def test_wrong_output_kind_and_head_fail_clearly(tmp_path, data, models, capsys)
                  "--region", "chr1:1-2000", "--out", str(tmp_path / "x.bedGraph")]) == 2
     assert "past the contig end" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_sharded_prediction_writes_the_same_track(tmp_path, data, models):
+    """--devices 2 (Lightning DDP, here 2 CPU processes over gloo) == one process."""
+    import subprocess
+    import sys
+
+    path, _ = models["lm"]
+    base = [sys.executable, "-m", "genomamba", "predict", "--model", str(path), "--fasta",
+            str(data / "lambda_phage_NC_001416.fa.gz"), "--region", "NC_001416.1_Enterobacteria_phage_lambda:1-9000",
+            "--window", "512", "--device", "cpu"]
+    for name, extra in (("one", []), ("two", ["--devices", "2"])):
+        r = subprocess.run([*base, "--out", str(tmp_path / f"{name}.h5"), *extra], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "two.h5") as b:
+        assert np.allclose(a["tracks/0"][:], b["tracks/0"][:], atol=1e-6, equal_nan=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5", "two.h5"]  # shards cleaned up
