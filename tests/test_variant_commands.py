@@ -150,3 +150,22 @@ def test_variant_classifier_end_to_end(tmp_path, data, lm, capsys):
     assert main(["score-variants", "--model", str(lm[0]), "--fasta", str(fasta), "--vcf", str(vcf),
                  "--classifier", str(clf), "--window", "256", "--out", str(tmp_path / "x.vcf.gz")]) == 2
     assert not (tmp_path / "x.vcf.gz").exists()
+
+
+def test_clinvar_chr20_records_score_against_hs37_chr20(tmp_path, data, lm, chr20, capsys):
+    """The shipped ClinVar chr20 subset on the real chr20 (read from ../shared/data): no REF mismatch."""
+    lines, n = [], 0
+    with gzip.open(data / "clinvar_b37_chr20.vcf.gz", "rt") as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                n += 1
+                if n > 40:
+                    break
+            lines.append(line)
+    (tmp_path / "c20.vcf").write_text("".join(lines))
+    out = tmp_path / "c20.vcf.gz"
+    assert main(["score-variants", "--model", str(lm[0]), "--fasta", str(chr20), "--vcf", str(tmp_path / "c20.vcf"),
+                 "--window", "256", "--out", str(out), "--device", "cpu", "--batch-size", "40"]) == 0
+    assert "not scored: none" in capsys.readouterr().err
+    recs = _records(out)
+    assert len(recs) == 40 and all("GM_EMB_DIST" in r.info and "GM_LLR" in r.info for r in recs)
