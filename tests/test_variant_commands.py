@@ -169,3 +169,29 @@ def test_clinvar_chr20_records_score_against_hs37_chr20(tmp_path, data, lm, chr2
     assert "not scored: none" in capsys.readouterr().err
     recs = _records(out)
     assert len(recs) == 40 and all("GM_EMB_DIST" in r.info and "GM_LLR" in r.info for r in recs)
+
+
+def test_bcf_input_is_scored_like_vcf(tmp_path, data, lm):
+    """BCF in (decoded by pysam), the same scores out as from the equivalent VCF."""
+    hdr = pysam.VariantHeader()
+    hdr.contigs.add("MT", length=16569)
+    hdr.info.add("SYMBOL", 1, "String", "gene")
+    records = []
+    with gzip.open(data / "clinvar_b37_MT.vcf.gz", "rt") as fh:
+        for line in fh:
+            if not line.startswith("#") and len(records) < 12:
+                c = line.split("\t")
+                records.append((int(c[1]), c[3], c[4].split(",")))
+    for path, mode in ((tmp_path / "v.bcf", "wb"), (tmp_path / "v.vcf", "w")):
+        with pysam.VariantFile(str(path), mode, header=hdr) as out:
+            for pos, ref, alts in records:
+                out.write(out.new_record(contig="MT", start=pos - 1, alleles=(ref, *alts), info={"SYMBOL": "g"}))
+    tsvs = []
+    for name in ("v.bcf", "v.vcf"):
+        tsvs.append(tmp_path / f"{name}.tsv")
+        assert main(["score-variants", "--model", str(lm[0]), "--fasta", str(data / "human_chrM_rCRS_GRCh38.fa"),
+                     "--vcf", str(tmp_path / name), "--window", "128", "--out", str(tmp_path / f"{name}.out.vcf.gz"),
+                     "--tsv", str(tsvs[-1]), "--device", "cpu"]) == 0
+    assert tsvs[0].read_text() == tsvs[1].read_text()
+    recs = _records(tmp_path / "v.bcf.out.vcf.gz")
+    assert len(recs) == 12 and all(r.info["SYMBOL"] == "g" and "GM_LLR" in r.info for r in recs)
