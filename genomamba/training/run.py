@@ -42,22 +42,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class SaveOnSignal(Callback):
-    """On SIGTERM/SIGINT: finish the current step, save last.ckpt, stop cleanly."""
+    """On SIGTERM/SIGINT: save last.ckpt at the next batch end (training or validation), stop cleanly.
+
+    Lightning raises its SIGTERMException right after a validation batch and at an epoch's end,
+    where no training-batch hook runs, so validation batches save too, and run() saves after the
+    exception if neither hook got the chance (`saved` says whether one did).
+    """
 
     def __init__(self, ckpt_dir: Path):
-        self.ckpt_dir, self.received = ckpt_dir, None
+        self.ckpt_dir, self.received, self.saved = ckpt_dir, None, False
 
     def on_fit_start(self, trainer, pl_module):
         def handler(signum, _frame):
             self.received = signum
         self._old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def on_train_batch_end(self, trainer, *args):
+    def _save_if_signalled(self, trainer):
         if self.received is None and getattr(trainer, "received_sigterm", False):
             self.received = signal.SIGTERM  # Lightning's own SIGTERM handler got it first
-        if self.received is not None:
+        if self.received is not None and not self.saved:
             trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+            self.saved = True
             trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, *args):
+        self._save_if_signalled(trainer)
+
+    def on_validation_batch_end(self, trainer, *args):
+        if trainer.state.fn == "fit":
+            self._save_if_signalled(trainer)
 
     def on_fit_end(self, trainer, pl_module):
         for s, h in self._old.items():
@@ -133,8 +146,10 @@ def run(command: str, cfg: dict, ckpt_path=None) -> dict:
     if command == "fit":
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt)
-        except SIGTERMException:  # raised by Lightning after the batch (our last.ckpt is already saved)
+        except SIGTERMException:  # raised by Lightning after a batch or at an epoch's end
             signals.received = signals.received or signal.SIGTERM
+            if not signals.saved and trainer.is_global_zero:
+                trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
         if trainer.is_global_zero and signals.received is None:
             save_pretrained(module.model, out / "model")
     elif command == "validate":
