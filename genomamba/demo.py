@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import time
 from pathlib import Path
 
@@ -107,8 +108,6 @@ def run_demo(args) -> int:
          ["score-variants", "--model", str(pre / "model"), "--fasta", str(data / "human_chrM_rCRS_GRCh38.fa"),
           "--vcf", str(vcf), "--window", "256", "--batch-size", "32",
           "--out", str(out / "clinvar_MT_scored.vcf.gz"), "--tsv", str(out / "clinvar_MT_scored.tsv"), *device])
-    import json
-
     test = json.loads((ft / "metrics.json").read_text())
     with gzip.open(out / "clinvar_MT_scored.vcf.gz", "rt") as fh:
         scored = sum(1 for line in fh if not line.startswith("#") and "GM_EMB_DIST=" in line)

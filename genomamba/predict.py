@@ -61,11 +61,10 @@ def _collate(batch):
 
 def per_base_scores(model, ids, mask, *, target_class: int, rc_average: bool) -> torch.Tensor:
     """(batch, L) float32 scores; NaN where there is no base to score (N, padding)."""
+    probs = model(ids, mask, conjoin=rc_average).float().softmax(-1)  # strands averaged in logit space
     if isinstance(model, BiMambaForTokenClassification):
-        probs = model(ids, mask, conjoin=rc_average).float().softmax(-1)
         out = probs[..., target_class]
-    else:  # masked LM: probability of the reference base, strands averaged in logit space
-        probs = model(ids, mask, conjoin=rc_average).float().softmax(-1)
+    else:  # masked LM: probability of the reference base
         out = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     scorable = (ids >= tokenizer.A_ID) & (ids <= tokenizer.T_ID) & mask
     return out.masked_fill(~scorable, float("nan"))

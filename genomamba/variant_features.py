@@ -91,7 +91,7 @@ def score_windows(model, ref_ids: list, alt_ids: list, ref_lens, alt_lens, *, co
     ref_lens = torch.as_tensor(ref_lens)
     alt_lens = torch.as_tensor(alt_lens)
     snv = (ref_lens == 1) & (alt_lens == 1)
-    backbone, lm, _ = _parts(model)
+    _, lm, _ = _parts(model)
     batch = [ref, alt, rref, ralt]
     if lm is not None:
         masked = ref.clone()
