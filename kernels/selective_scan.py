@@ -52,12 +52,15 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     """
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
-        return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=4, BN=bn, warps=1, warps_bwd=1)
-    cfg = dict(T=8, BD=64, BD_BWD=8, BC=16, BD_PASS=8, BN=bn, warps=4, warps_bwd=1, maxnreg_bwd=0)
-    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd]" (maxnreg 0 = the compiler's choice).
+        return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=4, BN=bn, warps=1, warps_bwd=1, TPP=2, FAST=False)
+    # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
+    # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements).
+    cfg = dict(T=4, BD=32, BD_BWD=8, BC=16, BD_PASS=32, BN=bn, warps=1, warps_bwd=1, maxnreg_bwd=0, TPP=16,
+               FAST=True)
+    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP]]" (maxnreg 0 = the compiler's choice).
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
-        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd")
+        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP")
         cfg.update({k: int(v) for k, v in zip(keys, override.split(","))})
     return cfg
 
@@ -104,7 +107,7 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
     cfg = _tile_config(nstate, u.device)
     T, BN = cfg["T"], cfg["BN"]
     BD = _block_channels(cfg["BD"], dpg, groups)
-    A = A.float().contiguous()
+    A_nd = A.float().t().contiguous()  # (N, dim): channels contiguous, like the state buffers
     n_tiles = triton.cdiv(L, T)
     n_dblk = triton.cdiv(dim, BD)
     if chunk_tiles is None:
@@ -119,20 +122,22 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
     dev = u.device
     out = torch.empty_like(u)
     last = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
-    tiles = torch.empty(batch, n_tiles, dim, nstate, device=dev, dtype=torch.float32) if save_tile_states else last
+    # State buffers are (batch, tile or chunk, N, dim): a thread holds one channel's N states, and
+    # neighbouring threads' channels are neighbours in memory (coalesced, no layout conversion).
+    tiles = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32) if save_tile_states else last
     h0 = None if initial_state is None else initial_state.float().contiguous()
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
     db = None if delta_bias is None else delta_bias.float().contiguous()
     Dv = None if D is None else D.float().contiguous()
     dummy = last
     flags = dict(HAS_DB=db is not None, SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq is not None,
-                 REVERSE=bool(reverse))
+                 REVERSE=bool(reverse), FAST=cfg["FAST"])
     seq_stride = seq.stride(0) if seq is not None else 0
     if n_chunks > 1:
-        S = torch.empty(batch, n_chunks, dim, nstate, device=dev, dtype=torch.float32)
+        S = torch.empty(batch, n_chunks, nstate, dim, device=dev, dtype=torch.float32)
         P = torch.empty_like(S)
         K._chunk_state_kernel[(batch, n_dblk, n_chunks)](
-            u, delta, A, Bg, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
+            u, delta, A_nd, Bg, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
             L, dim, nstate, chunk_tiles, dpg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
             Bg.stride(0), Bg.stride(1), Bg.stride(2), seq_stride,
@@ -147,20 +152,21 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
             BC=cfg["BC"], BD=cfg["BD_PASS"], BN=BN, HAS_H0=h0 is not None, REVERSE=False,
             num_warps=cfg["warps"])
         del S, P
-        hc, hc_strides = Hc, (Hc.stride(0), Hc.stride(1), Hc.stride(2))
+        hc, hc_strides = Hc, (Hc.stride(0), Hc.stride(1), 1, Hc.stride(2))
     elif h0 is not None:
-        hc, hc_strides = h0, (h0.stride(0), 0, h0.stride(1))
+        hc, hc_strides = h0, (h0.stride(0), 0, h0.stride(1), 1)
     else:
-        hc, hc_strides = dummy, (0, 0, 0)
+        hc, hc_strides = dummy, (0, 0, 0, 0)
     zz = z if z is not None else u
     K._fwd_kernel[(batch, n_dblk, n_chunks)](
-        u, delta, A, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
+        u, delta, A_nd, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
         seq if seq is not None else dummy, hc, out, tiles, last,
         L, dim, nstate, chunk_tiles, n_tiles, dpg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1), Cg.stride(2),
         zz.stride(0), zz.stride(1), out.stride(0), out.stride(1), seq_stride,
-        *hc_strides, tiles.stride(0), tiles.stride(1) if save_tile_states else 0, tiles.stride(-2),
+        *hc_strides, tiles.stride(0), tiles.stride(1) if save_tile_states else 0,
+        tiles.stride(2) if save_tile_states else 0,
         last.stride(0), last.stride(1),
         BD=BD, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
         HAS_HCHUNK=(n_chunks > 1) or (h0 is not None), SAVE_TILES=bool(save_tile_states),
@@ -182,21 +188,22 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     BDb = _block_channels(cfg["BD_BWD"], dpg, groups)
     n_tiles = triton.cdiv(L, T)
     dev = u.device
-    A = A.float().contiguous()
+    A_nd = A.float().t().contiguous()
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
     db = None if delta_bias is None else delta_bias.float().contiguous()
     Dv = None if D is None else D.float().contiguous()
     dummy = tiles
     seq_stride = seq.stride(0) if seq is not None else 0
     flags = dict(HAS_DB=db is not None, SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq is not None,
-                 REVERSE=bool(reverse))
+                 REVERSE=bool(reverse), FAST=cfg["FAST"])
     zz = z if z is not None else u
     # Pass 1: each tile's adjoint contribution from a zero right boundary, and its decay.
-    S = torch.empty(batch, n_tiles, dim, nstate, device=dev, dtype=torch.float32)
+    S = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32)
     P = torch.empty_like(S)
-    K._adjoint_tile_kernel[(n_tiles, batch, triton.cdiv(dim, BD))](
-        u, delta, A, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
-        L, dim, nstate, dpg,
+    tpp = cfg["TPP"]
+    K._adjoint_tile_kernel[(triton.cdiv(n_tiles, tpp), batch, triton.cdiv(dim, BD))](
+        u, delta, A_nd, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
+        L, dim, nstate, dpg, n_tiles, tpp,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Cg.stride(0), Cg.stride(1), Cg.stride(2),
         zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), seq_stride,
         S.stride(0), S.stride(1), S.stride(2),
@@ -225,12 +232,12 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     dC = alloc(Cg.shape, device=dev, dtype=torch.float32)
     # Per-tile partial sums (summed below): deterministic, and no atomics in the hot loop.
     parts = batch * n_tiles
-    dA_part = P.view(parts, dim, nstate)  # P is no longer needed: reuse its memory
+    dA_part = P.view(parts, nstate, dim)  # P is no longer needed: reuse its memory
     dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
     ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
     dzz = dz if dz is not None else du
     K._bwd_kernel[(n_tiles, batch, groups * nsplit)](
-        u, delta, A, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
+        u, delta, A_nd, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
         seq if seq is not None else dummy, dout, tiles, R,
         du, ddelta, dzz, dB, dC, dA_part, dD_part if dD_part is not None else dA_part,
         ddb_part if ddb_part is not None else dA_part,
@@ -244,7 +251,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dA_part.stride(0), dim,
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         num_warps=cfg["warps_bwd"], **flags, **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
-    dA = dA_part.sum(0)
+    dA = dA_part.sum(0).t()
     dD = dD_part.sum(0) if dD_part is not None else None
     ddb = ddb_part.sum(0) if ddb_part is not None else None
     if B.dim() == 3:
@@ -271,7 +278,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplu
     batch, dim, L = u.shape
     nstate = A.shape[1]
     T = _tile_config(nstate, u.device)["T"]
-    tiles = u.new_empty(batch, triton.cdiv(L, T), dim, nstate, dtype=torch.float32) if save_tiles else \
+    tiles = u.new_empty(batch, triton.cdiv(L, T), nstate, dim, dtype=torch.float32) if save_tiles else \
         u.new_empty(0, dtype=torch.float32)
     return torch.empty_like(u), u.new_empty(batch, dim, nstate, dtype=torch.float32), tiles
 
