@@ -52,11 +52,12 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     """
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
-        return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=4, BN=bn, warps=1, warps_bwd=1, TPP=2, FAST=False)
+        return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
+                    FAST=False)
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
     # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements).
-    cfg = dict(T=4, BD=32, BD_BWD=8, BC=16, BD_PASS=32, BN=bn, warps=1, warps_bwd=1, maxnreg_bwd=0, TPP=16,
-               FAST=True)
+    cfg = dict(T=8, BD=32, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=1, warps_bwd=1, warps_pass=1,
+               maxnreg_bwd=0, TPP=16, FAST=True)
     # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP]]" (maxnreg 0 = the compiler's choice).
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
@@ -145,12 +146,12 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
             BD=BD, BN=BN, T=T, num_warps=cfg["warps"], **flags)
         Hc = torch.empty_like(S)
         scratch = torch.empty_like(last)
-        K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]))](
+        K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]), nstate)](
             S, P, h0 if h0 is not None else dummy, Hc, scratch,
-            n_chunks, dim, nstate, S.stride(0), S.stride(1), S.stride(2),
+            n_chunks, dim, S.stride(0), S.stride(1), S.stride(2),
             last.stride(0), last.stride(1),
-            BC=cfg["BC"], BD=cfg["BD_PASS"], BN=BN, HAS_H0=h0 is not None, REVERSE=False,
-            num_warps=cfg["warps"])
+            BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=h0 is not None, REVERSE=False,
+            num_warps=cfg["warps_pass"])
         del S, P
         hc, hc_strides = Hc, (Hc.stride(0), Hc.stride(1), 1, Hc.stride(2))
     elif h0 is not None:
@@ -213,10 +214,10 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     R = S
     dh0 = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     dl = None if dlast is None else dlast.float().contiguous()
-    K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]))](
+    K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]), nstate)](
         S, P, dl if dl is not None else dummy, R, dh0,
-        n_tiles, dim, nstate, S.stride(0), S.stride(1), S.stride(2), dh0.stride(0), dh0.stride(1),
-        BC=cfg["BC"], BD=cfg["BD_PASS"], BN=BN, HAS_H0=dl is not None, REVERSE=True, num_warps=cfg["warps"])
+        n_tiles, dim, S.stride(0), S.stride(1), S.stride(2), dh0.stride(0), dh0.stride(1),
+        BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=dl is not None, REVERSE=True, num_warps=cfg["warps_pass"])
     # Pass 3: every gradient, one program per (batch, tile, channel split).
     if nsplit is None:
         target = _target_programs(dev)

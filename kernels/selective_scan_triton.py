@@ -36,10 +36,13 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _combine_adjoint(fa1, fb1, ga1, gb1, fa2, fb2, ga2, gb2):
-    # Reverse scan of (F, G): argument 1 is the later segment R, argument 2 the earlier one E.
-    # F = F_E o F_R and G = G_E o F_R, with (al, be) o (al', be') = (al al', al be' + be).
-    return fa2 * fa1, fa2 * fb1 + fb2, ga2 * fa1, ga2 * fb1 + gb2
+def _combine_next(f1, p1, q1, f2, p2, q2):
+    # The adjoint q_t = c_t + a_{t+1} q_{t+1} pairs step t with the decay of the step after it.
+    # A segment [s..e] is (f, p, q) = (a_s, a_{s+1}...a_e, q_s with nothing after e). Argument 1 is
+    # the logically later segment, 2 the earlier one (as for _combine in a reverse scan).
+    # A single step is (a_t, 1, c_t), so per step the scan costs one multiply-add for q (and one
+    # multiply for p, which the compiler drops where p is not used).
+    return f2, p2 * f1 * p1, q2 + p2 * f1 * q1
 
 
 @triton.jit
@@ -175,6 +178,17 @@ def _fwd_inputs(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, db_ptr, seq_ptr, s_seq_b,
 
 
 @triton.jit
+def _flip_if(x, FLIP: tl.constexpr):
+    """x reversed along axis 0 when FLIP. Scans against the register order go through this:
+    tl.associative_scan(reverse=True) also reverses the lane order (two shuffles per element, even
+    when the scanned axis lies within each thread), while a flip of an in-thread axis is free."""
+    if FLIP:
+        return tl.flip(x, 0)
+    else:
+        return x
+
+
+@triton.jit
 def _decay(dt, A2t, reset, FAST: tl.constexpr, HAS_SEQ: tl.constexpr):
     """a_t = exp(dt_t A) for a (T, N, BD) tile, 0 where the sequence restarts. Steps outside the
     sequence or the channel range carry dt = 0, so a = 1 there (the state passes through): no mask."""
@@ -193,8 +207,8 @@ def _scan_tnd(a, b, h, T: tl.constexpr, REVERSE: tl.constexpr):
     """
     is_first = (tl.arange(0, T) == _end_index(T, not REVERSE))[:, None, None]
     b = tl.where(is_first, b + a * h[None, :, :], b)
-    _a, hs = tl.associative_scan((a, b), 0, _combine, reverse=REVERSE)
-    return hs
+    _a, hs = tl.associative_scan((_flip_if(a, REVERSE), _flip_if(b, REVERSE)), 0, _combine)
+    return _flip_if(hs, REVERSE)
 
 
 @triton.jit
@@ -252,54 +266,64 @@ def _chunk_state_kernel(
 
 
 @triton.jit
+def _pass_block(S_ptr, P_ptr, base, s_c, mask_d, c0, NCHUNK, BC: tl.constexpr, REVERSE: tl.constexpr):
+    """Chunk indices and the (BC, BD) S and P blocks of logical chunks c0 .. c0 + BC - 1."""
+    j = c0 + tl.arange(0, BC)                          # logical chunk order
+    mj = j < NCHUNK
+    if REVERSE:
+        c = (NCHUNK - 1 - j).to(tl.int64)
+    else:
+        c = j.to(tl.int64)
+    mm = mj[:, None] & mask_d[None, :]
+    s = tl.load(S_ptr + base + c[:, None] * s_c, mask=mm, other=0.0)
+    p = tl.load(P_ptr + base + c[:, None] * s_c, mask=mm, other=1.0)
+    return j, c, mm, s, p
+
+
+@triton.jit
 def _state_passing_kernel(
     S_ptr, P_ptr, H0_ptr, Hin_ptr, Hlast_ptr,
-    NCHUNK, DIM, NSTATE,
+    NCHUNK, DIM,
     s_b, s_c, s_n, s_h0_b, s_h0_d,
-    BC: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    BC: tl.constexpr, BD: tl.constexpr,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Pass 2: H_in[c] = state entering chunk c, from H[c] = P[c] * H[c-1] + S[c].
 
-    A tiled associative scan over blocks of BC chunks (chunk axis first, so in-thread), so
-    thousands of chunks are not a thousands-long dependent chain of memory loads. REVERSE walks
-    the chunks from the last one (the adjoint). Writes H_in for every chunk and the final state.
+    One program per (batch, channel block, state): the (channel, state) pairs are independent
+    chains, so a 1 Mb backward (131,072 tiles) still has D x N chains in flight. Each walks its
+    chunks in blocks of BC (an in-thread associative scan per block, the next block's loads issued
+    before the current block is combined). REVERSE walks from the last chunk (the adjoint).
+    Writes H_in for every chunk and the final state.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
     offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)
     mask_d = offs_d < DIM
-    offs_n = tl.arange(0, BN)
-    mask_n = offs_n < NSTATE
-    mdn = mask_d[:, None] & mask_n[None, :]
     if HAS_H0:
-        h = tl.load(H0_ptr + pid_b * s_h0_b + offs_d[:, None] * s_h0_d + offs_n[None, :], mask=mdn, other=0.0)
+        h = tl.load(H0_ptr + pid_b * s_h0_b + offs_d * s_h0_d + n, mask=mask_d, other=0.0)
     else:
-        h = tl.zeros((BD, BN), dtype=tl.float32)
-    base = pid_b * s_b + offs_d[None, :, None] + offs_n[None, None, :] * s_n
-    m3 = mdn[None, :, :]
+        h = tl.zeros((BD,), dtype=tl.float32)
+    base = pid_b * s_b + n * s_n + offs_d[None, :]
+    j_n, c_n, mm_n, s_n_, p_n = _pass_block(S_ptr, P_ptr, base, s_c, mask_d, 0, NCHUNK, BC, REVERSE)
     for c0 in range(0, NCHUNK, BC):
-        j = c0 + tl.arange(0, BC)                      # logical chunk order
-        mj = j < NCHUNK
+        j, c, mm, s, p = j_n, c_n, mm_n, s_n_, p_n
+        j_n, c_n, mm_n, s_n_, p_n = _pass_block(S_ptr, P_ptr, base, s_c, mask_d, c0 + BC, NCHUNK, BC, REVERSE)
         if REVERSE:
-            c = (NCHUNK - 1 - j).to(tl.int64)
             c_next = c - 1
         else:
-            c = j.to(tl.int64)
             c_next = c + 1
-        mm = mj[:, None, None] & m3
-        s = tl.load(S_ptr + base + c[:, None, None] * s_c, mask=mm, other=0.0)
-        p = tl.load(P_ptr + base + c[:, None, None] * s_c, mask=mm, other=1.0)
-        # Every store below targets a chunk of this block and depends on the loads above, so
+        # Every store below targets a chunk of this block and follows the loads of this block, so
         # H_in may share memory with S (the backward does that to save a state-sized buffer).
-        first = (j == c0)[:, None, None] & m3          # the block is entered with the carry
-        tl.store(Hin_ptr + base + c[:, None, None] * s_c, h[None, :, :] + 0.0 * s, mask=first)
+        first = (j == c0)[:, None] & mm                 # the block is entered with the carry
+        tl.store(Hin_ptr + base + c[:, None] * s_c, h[None, :] + 0.0 * s, mask=first)
         p_cum, s_cum = tl.associative_scan((p, s), 0, _combine)
-        h_after = s_cum + p_cum * h[None, :, :]        # state after chunk j = entering j + 1
+        h_after = s_cum + p_cum * h[None, :]            # state after chunk j = entering j + 1
         j_last = tl.minimum(c0 + BC, NCHUNK) - 1
-        tl.store(Hin_ptr + base + c_next[:, None, None] * s_c, h_after, mask=mm & (j < j_last)[:, None, None])
-        h = tl.sum(tl.where((j == j_last)[:, None, None], h_after, 0.0), axis=0)
-    tl.store(Hlast_ptr + pid_b * s_h0_b + offs_d[:, None] * s_h0_d + offs_n[None, :], h, mask=mdn)
+        tl.store(Hin_ptr + base + c_next[:, None] * s_c, h_after, mask=mm & (j < j_last)[:, None])
+        h = tl.sum(tl.where((j == j_last)[:, None], h_after, -0.0), axis=0)
+    tl.store(Hlast_ptr + pid_b * s_h0_b + offs_d * s_h0_d + n, h, mask=mask_d)
 
 
 @triton.jit
@@ -370,21 +394,6 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _shift_next(x, T: tl.constexpr, REVERSE: tl.constexpr):
-    """x at the logically next step, along the in-thread axis 0 of a (T, N, BD) tile (1.0 past the
-    tile's end). Written as a masked sum over a (T, T, N, BD) broadcast whose masks are constants
-    per register, so it compiles to register renaming: no instructions."""
-    t = tl.arange(0, T)
-    if REVERSE:
-        src = t - 1
-    else:
-        src = t + 1
-    sel = t[None, :] == src[:, None]                       # [destination step, source step]
-    shifted = tl.sum(tl.where(sel[:, :, None, None], x[None, :, :, :], -0.0), axis=1)
-    return tl.where(((src < 0) | (src >= T))[:, None, None], 1.0, shifted)
-
-
-@triton.jit
 def _adjoint_inputs(delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k, L,
                     dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d,
                     offs_d, mask_d, offs_n, mask_n, T: tl.constexpr,
@@ -446,11 +455,13 @@ def _adjoint_tile_kernel(
         a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
         c = dy[:, None, :] * Ct[:, :, None]
         # q runs against the scan (right to left for a forward scan), with the next step's decay.
-        an_c, q = tl.associative_scan((_shift_next(a, T, REVERSE), c), 0, _combine, reverse=not REVERSE)
+        ones = tl.full((T, BN, BD), 1.0, dtype=tl.float32)
+        _f, pr, q = tl.associative_scan((_flip_if(a, not REVERSE), ones, _flip_if(c, not REVERSE)), 0, _combine_next)
+        pr, q = _flip_if(pr, not REVERSE), _flip_if(q, not REVERSE)
         a_first = _pick(a, start, T)
         off = pid_b * s_S_b + (k0 + i) * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
         tl.store(S_ptr + off, a_first * _pick(q, start, T), mask=mnd)
-        tl.store(P_ptr + off, a_first * _pick(an_c, start, T), mask=mnd)
+        tl.store(P_ptr + off, a_first * _pick(pr, start, T), mask=mnd)
 
 
 @triton.jit
@@ -496,7 +507,7 @@ def _bwd_kernel(
     """Backward pass 3: all gradients of one time tile, looping over the channels of a split.
 
     Tiles are (T, N, BD). h_t is recomputed from the saved tile-entry state, q_t = dL/dh_t from the
-    adjoint entering from the right (r0) by one reverse scan with the next step's decay. dB and dC
+    adjoint entering from the right (r0) by one reverse scan (_combine_next). dB and dC
     are accumulated per channel lane across the loop and reduced over channels once at the end.
     dA, dD and d(delta_bias) are written as per-tile partial sums (row `part` of their buffers) and
     summed afterwards: no atomics on the hot path.
@@ -556,7 +567,9 @@ def _bwd_kernel(
         # q_t = C_t dy_t + a_{t+1} q_{t+1}, entered from the right with r0: one reverse scan.
         c = dy[:, None, :] * Ct[:, :, None]
         c = tl.where(is_last, c + r0[None, :, :], c)
-        _an, q = tl.associative_scan((_shift_next(a, T, REVERSE), c), 0, _combine, reverse=not REVERSE)
+        ones = tl.full((T, BN, BD), 1.0, dtype=tl.float32)
+        _f, _p, q = tl.associative_scan((_flip_if(a, not REVERSE), ones, _flip_if(c, not REVERSE)), 0, _combine_next)
+        q = _flip_if(q, not REVERSE)
         qh = q * (hs - b)                                         # q_t a_t h_{t-1}
         qb = tl.sum(q * Bt[:, :, None], axis=1)                   # (T, BD)
         ddt = qb * u + tl.sum(qh * At[None, :, :], axis=1)
