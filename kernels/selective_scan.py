@@ -84,6 +84,15 @@ def _block_channels(bd: int, dim_per_group: int, groups: int) -> int:
     return max(bd, 1)
 
 
+def _decay_buffers(batch: int, n: int, dim: int, has_seq: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk (or tile): the sum of dt per channel, and a restart flag when seq_idx is given.
+    The passing kernel turns them into decays exp(A * sum dt): 1/N of a per-state decay buffer."""
+    sdt = torch.empty(batch, n, dim, device=device, dtype=torch.float32)
+    rst = torch.empty(batch, n, device=device, dtype=torch.int32) if has_seq else \
+        torch.empty(batch, 1, device=device, dtype=torch.int32)
+    return sdt, rst
+
+
 def _as_groups(X: torch.Tensor) -> torch.Tensor:
     X = X if X.stride(-1) == 1 else X.contiguous()
     return X.unsqueeze(1) if X.dim() == 3 else X
@@ -136,23 +145,23 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
     seq_stride = seq.stride(0) if seq is not None else 0
     if n_chunks > 1:
         S = torch.empty(batch, n_chunks, nstate, dim, device=dev, dtype=torch.float32)
-        P = torch.empty_like(S)
+        SDT, RST = _decay_buffers(batch, n_chunks, dim, seq is not None, dev)
         K._chunk_state_kernel[(batch, n_dblk, n_chunks)](
-            u, delta, A_nd, Bg, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
+            u, delta, A_nd, Bg, db if db is not None else dummy, seq if seq is not None else dummy, S, SDT, RST,
             L, dim, nstate, chunk_tiles, dpg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
             Bg.stride(0), Bg.stride(1), Bg.stride(2), seq_stride,
-            S.stride(0), S.stride(1), S.stride(2),
+            S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
             BD=BD, BN=BN, T=T, num_warps=cfg["warps"], **flags)
         Hc = torch.empty_like(S)
         scratch = torch.empty_like(last)
         K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]), nstate)](
-            S, P, h0 if h0 is not None else dummy, Hc, scratch,
-            n_chunks, dim, S.stride(0), S.stride(1), S.stride(2),
+            S, SDT, RST, A_nd, h0 if h0 is not None else dummy, Hc, scratch,
+            n_chunks, dim, S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
             last.stride(0), last.stride(1),
-            BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=h0 is not None, REVERSE=False,
+            BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=h0 is not None, HAS_SEQ=seq is not None, REVERSE=False,
             num_warps=cfg["warps_pass"])
-        del S, P
+        del S, SDT, RST
         hc, hc_strides = Hc, (Hc.stride(0), Hc.stride(1), 1, Hc.stride(2))
     elif h0 is not None:
         hc, hc_strides = h0, (h0.stride(0), 0, h0.stride(1), 1)
@@ -198,16 +207,16 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     flags = dict(HAS_DB=db is not None, SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq is not None,
                  REVERSE=bool(reverse), FAST=cfg["FAST"])
     zz = z if z is not None else u
-    # Pass 1: each tile's adjoint contribution from a zero right boundary, and its decay.
+    # Pass 1: each tile's adjoint contribution from a zero right boundary, and its sum of dt.
     S = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32)
-    P = torch.empty_like(S)
+    SDT, RST = _decay_buffers(batch, n_tiles, dim, seq is not None, dev)
     tpp = cfg["TPP"]
     K._adjoint_tile_kernel[(triton.cdiv(n_tiles, tpp), batch, triton.cdiv(dim, BD))](
-        u, delta, A_nd, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy, S, P,
-        L, dim, nstate, dpg, n_tiles, tpp,
+        u, delta, A_nd, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy,
+        S, SDT, RST, L, dim, nstate, dpg, n_tiles, tpp,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Cg.stride(0), Cg.stride(1), Cg.stride(2),
         zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), seq_stride,
-        S.stride(0), S.stride(1), S.stride(2),
+        S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
         BD=BD, BN=BN, T=T, HAS_Z=z is not None, num_warps=cfg["warps"], **flags)
     # Pass 2: the adjoint entering every tile from the right (and the initial-state gradient),
     # written over S: at 1 Mb each per-tile state buffer is 8 bytes per (channel, position).
@@ -215,9 +224,12 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     dh0 = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     dl = None if dlast is None else dlast.float().contiguous()
     K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]), nstate)](
-        S, P, dl if dl is not None else dummy, R, dh0,
-        n_tiles, dim, S.stride(0), S.stride(1), S.stride(2), dh0.stride(0), dh0.stride(1),
-        BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=dl is not None, REVERSE=True, num_warps=cfg["warps_pass"])
+        S, SDT, RST, A_nd, dl if dl is not None else dummy, R, dh0,
+        n_tiles, dim, S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
+        dh0.stride(0), dh0.stride(1),
+        BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=dl is not None, HAS_SEQ=seq is not None, REVERSE=True,
+        num_warps=cfg["warps_pass"])
+    del SDT, RST
     # Pass 3: every gradient, one program per (batch, tile, channel split).
     if nsplit is None:
         target = _target_programs(dev)
@@ -233,7 +245,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     dC = alloc(Cg.shape, device=dev, dtype=torch.float32)
     # Per-tile partial sums (summed below): deterministic, and no atomics in the hot loop.
     parts = batch * n_tiles
-    dA_part = P.view(parts, nstate, dim)  # P is no longer needed: reuse its memory
+    dA_part = torch.empty(parts, nstate, dim, device=dev, dtype=torch.float32)
     dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
     ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
     dzz = dz if dz is not None else du

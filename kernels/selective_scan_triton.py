@@ -213,17 +213,16 @@ def _scan_tnd(a, b, h, T: tl.constexpr, REVERSE: tl.constexpr):
 
 @triton.jit
 def _chunk_state_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, db_ptr, seq_ptr, S_ptr, P_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, db_ptr, seq_ptr, S_ptr, SDT_ptr, RST_ptr,
     L, DIM, NSTATE, CHUNK_TILES, DIM_PER_GROUP,
-    s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_seq_b, s_S_b, s_S_c, s_S_n,
+    s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_seq_b, s_S_b, s_S_c, s_S_n, s_t_b, s_t_c, s_r_b,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
     FAST: tl.constexpr,
 ):
-    """Forward pass 1: each chunk's end state from a zero start (S) and its total decay (P).
-
-    P = exp(A * sum of dt over the chunk), or 0 if the sequence restarts inside it: one
-    exponential per chunk instead of a running product per step.
+    """Forward pass 1: each chunk's end state from a zero start (S), the sum of dt over the chunk
+    (SDT) and whether the sequence restarts inside it (RST). The chunk's total decay is
+    exp(A * SDT), or 0 after a restart: the passing kernel forms it, so no (N, dim) decay buffer.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -257,17 +256,17 @@ def _chunk_state_kernel(
         sdt += tl.sum(dt, axis=0)
         if HAS_SEQ:
             n_reset += tl.sum(reset.to(tl.int32), axis=0)
-    pr = _exp2(A2t * sdt[None, :], FAST)
-    if HAS_SEQ:
-        pr = tl.where(n_reset > 0, 0.0, pr)
     off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
     tl.store(S_ptr + off, h, mask=mnd)
-    tl.store(P_ptr + off, pr, mask=mnd)
+    tl.store(SDT_ptr + pid_b * s_t_b + pid_c * s_t_c + offs_d, sdt, mask=mask_d)
+    if HAS_SEQ:
+        tl.store(RST_ptr + pid_b * s_r_b + pid_c, n_reset)
 
 
 @triton.jit
-def _pass_block(S_ptr, P_ptr, base, s_c, mask_d, c0, NCHUNK, BC: tl.constexpr, REVERSE: tl.constexpr):
-    """Chunk indices and the (BC, BD) S and P blocks of logical chunks c0 .. c0 + BC - 1."""
+def _pass_block(S_ptr, SDT_ptr, RST_ptr, base, base_t, base_r, s_c, s_t_c, A2, mask_d, c0, NCHUNK,
+                BC: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr):
+    """Chunk indices, the (BC, BD) block of S and the chunks' decays for logical chunks c0 .. c0+BC-1."""
     j = c0 + tl.arange(0, BC)                          # logical chunk order
     mj = j < NCHUNK
     if REVERSE:
@@ -276,19 +275,24 @@ def _pass_block(S_ptr, P_ptr, base, s_c, mask_d, c0, NCHUNK, BC: tl.constexpr, R
         c = j.to(tl.int64)
     mm = mj[:, None] & mask_d[None, :]
     s = tl.load(S_ptr + base + c[:, None] * s_c, mask=mm, other=0.0)
-    p = tl.load(P_ptr + base + c[:, None] * s_c, mask=mm, other=1.0)
+    sdt = tl.load(SDT_ptr + base_t + c[:, None] * s_t_c, mask=mm, other=0.0)
+    p = tl.exp2(A2[None, :] * sdt)                     # exp(A * sum of dt) = product of the decays
+    if HAS_SEQ:
+        rst = tl.load(RST_ptr + base_r + c, mask=mj, other=0)
+        p = tl.where((rst > 0)[:, None], 0.0, p)
     return j, c, mm, s, p
 
 
 @triton.jit
 def _state_passing_kernel(
-    S_ptr, P_ptr, H0_ptr, Hin_ptr, Hlast_ptr,
+    S_ptr, SDT_ptr, RST_ptr, A_ptr, H0_ptr, Hin_ptr, Hlast_ptr,
     NCHUNK, DIM,
-    s_b, s_c, s_n, s_h0_b, s_h0_d,
+    s_b, s_c, s_n, s_t_b, s_t_c, s_r_b, s_h0_b, s_h0_d,
     BC: tl.constexpr, BD: tl.constexpr,
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """Pass 2: H_in[c] = state entering chunk c, from H[c] = P[c] * H[c-1] + S[c].
+    """Pass 2: H_in[c] = state entering chunk c, from H[c] = P[c] * H[c-1] + S[c], where the
+    chunk's decay P = exp(A * SDT[c]) (0 if the sequence restarts inside the chunk).
 
     One program per (batch, channel block, state): the (channel, state) pairs are independent
     chains, so a 1 Mb backward (131,072 tiles) still has D x N chains in flight. Each walks its
@@ -301,15 +305,20 @@ def _state_passing_kernel(
     n = tl.program_id(2).to(tl.int64)
     offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)
     mask_d = offs_d < DIM
+    A2 = tl.load(A_ptr + n * DIM + offs_d, mask=mask_d, other=0.0) * 1.4426950408889634
     if HAS_H0:
         h = tl.load(H0_ptr + pid_b * s_h0_b + offs_d * s_h0_d + n, mask=mask_d, other=0.0)
     else:
         h = tl.zeros((BD,), dtype=tl.float32)
     base = pid_b * s_b + n * s_n + offs_d[None, :]
-    j_n, c_n, mm_n, s_n_, p_n = _pass_block(S_ptr, P_ptr, base, s_c, mask_d, 0, NCHUNK, BC, REVERSE)
+    base_t = pid_b * s_t_b + offs_d[None, :]
+    base_r = pid_b * s_r_b
+    j_n, c_n, mm_n, s_n_, p_n = _pass_block(S_ptr, SDT_ptr, RST_ptr, base, base_t, base_r, s_c, s_t_c, A2, mask_d,
+                                            0, NCHUNK, BC, HAS_SEQ, REVERSE)
     for c0 in range(0, NCHUNK, BC):
         j, c, mm, s, p = j_n, c_n, mm_n, s_n_, p_n
-        j_n, c_n, mm_n, s_n_, p_n = _pass_block(S_ptr, P_ptr, base, s_c, mask_d, c0 + BC, NCHUNK, BC, REVERSE)
+        j_n, c_n, mm_n, s_n_, p_n = _pass_block(S_ptr, SDT_ptr, RST_ptr, base, base_t, base_r, s_c, s_t_c, A2,
+                                                mask_d, c0 + BC, NCHUNK, BC, HAS_SEQ, REVERSE)
         if REVERSE:
             c_next = c - 1
         else:
@@ -413,16 +422,17 @@ def _adjoint_inputs(delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b,
 
 @triton.jit
 def _adjoint_tile_kernel(
-    u_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, S_ptr, P_ptr,
+    u_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, S_ptr, SDT_ptr, RST_ptr,
     L, DIM, NSTATE, DIM_PER_GROUP, N_TILES, TILES_PER_PROG,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_do_b, s_do_d, s_seq_b,
-    s_S_b, s_S_c, s_S_n,
+    s_S_b, s_S_c, s_S_n, s_t_b, s_t_c, s_r_b,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     REVERSE: tl.constexpr, FAST: tl.constexpr,
 ):
     """Backward pass 1: per tile, the adjoint at its logical start from a zero right boundary (S),
-    and the tile's total decay (P). Each program walks TILES_PER_PROG tiles (prefetching the next).
+    the tile's sum of dt (SDT) and restart flag (RST), from which the passing kernel forms the
+    tile's decay. Each program walks TILES_PER_PROG tiles (prefetching the next).
 
     With q_t = dL/dh_t: q_t = C_t dy_t + a_{t+1} q_{t+1}, and the gradient the tile hands to the
     state before it is r = a_first q_first. Tiles are (T, N, BD) like the forward's. Grid:
@@ -456,12 +466,13 @@ def _adjoint_tile_kernel(
         c = dy[:, None, :] * Ct[:, :, None]
         # q runs against the scan (right to left for a forward scan), with the next step's decay.
         ones = tl.full((T, BN, BD), 1.0, dtype=tl.float32)
-        _f, pr, q = tl.associative_scan((_flip_if(a, not REVERSE), ones, _flip_if(c, not REVERSE)), 0, _combine_next)
-        pr, q = _flip_if(pr, not REVERSE), _flip_if(q, not REVERSE)
-        a_first = _pick(a, start, T)
+        _f, _p, q = tl.associative_scan((_flip_if(a, not REVERSE), ones, _flip_if(c, not REVERSE)), 0, _combine_next)
+        q = _flip_if(q, not REVERSE)
         off = pid_b * s_S_b + (k0 + i) * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
-        tl.store(S_ptr + off, a_first * _pick(q, start, T), mask=mnd)
-        tl.store(P_ptr + off, a_first * _pick(pr, start, T), mask=mnd)
+        tl.store(S_ptr + off, _pick(a, start, T) * _pick(q, start, T), mask=mnd)
+        tl.store(SDT_ptr + pid_b * s_t_b + (k0 + i) * s_t_c + offs_d, tl.sum(dt, axis=0), mask=mask_d)
+        if HAS_SEQ:
+            tl.store(RST_ptr + pid_b * s_r_b + k0 + i, tl.sum(reset.to(tl.int32), axis=0))
 
 
 @triton.jit
