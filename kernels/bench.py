@@ -150,14 +150,15 @@ def time_shape(batch, dim, L, bench):
     args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     dout = torch.randn(batch, dim, L, device="cuda", dtype=torch.bfloat16)
 
-    def fwd():
+    def fwd(reverse=False):
         with torch.no_grad():
-            return selective_scan(*args, delta_softplus=True)
+            return selective_scan(*args, delta_softplus=True, reverse=reverse)
 
     def fwd_bwd():
         selective_scan(*args, delta_softplus=True).backward(dout)
 
     f = bench(fwd, warmup=25, rep=100, return_mode="median")
+    f_rev = bench(lambda: fwd(reverse=True), warmup=25, rep=100, return_mode="median")
     fb = bench(fwd_bwd, warmup=25, rep=100, grad_to_none=args, return_mode="median")
     e = 2  # bytes per bf16 element
     big = batch * dim * L * e
@@ -165,7 +166,7 @@ def time_shape(batch, dim, L, bench):
     fwd_bytes = 3 * big + bc + big                      # u, delta, z, B, C in; out
     bwd_bytes = 4 * big + bc + 3 * big + bc             # u, delta, z, dout, B, C in; du, ddelta, dz, dB, dC
     exps = batch * dim * L * N
-    return dict(shape=(batch, dim, L), fwd_ms=f, fwd_bwd_ms=fb,
+    return dict(shape=(batch, dim, L), fwd_ms=f, fwd_rev_ms=f_rev, fwd_bwd_ms=fb,
                 fwd_gbs=fwd_bytes / f / 1e6, fwd_bwd_gbs=(fwd_bytes + bwd_bytes) / fb / 1e6,
                 fwd_gexp=exps / f / 1e6, fwd_bwd_gexp=2 * exps / fb / 1e6)
 
@@ -250,12 +251,12 @@ def main(argv=None):
         rows.append(r)
         torch.cuda.empty_cache()
     src = "live" if live else f"recorded ({kind}, DESIGN.md §4)"
-    print(f"\n| shape (B, D, L) | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | fwd Gexp/s | "
+    print(f"\n| shape (B, D, L) | fwd ms | fwd reverse=True ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | fwd Gexp/s | "
           f"speed-up vs mamba_ssm fwd / fwd+bwd [{src}] |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         vs = (f"{r['vs_mamba_fwd']:.2f}x / {r['vs_mamba_fwd_bwd']:.2f}x" if r["vs_mamba_fwd"] else "n/a")
-        print(f"| {r['shape']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_gbs']:.0f} | "
+        print(f"| {r['shape']} | {r['fwd_ms']:.3f} | {r['fwd_rev_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_gbs']:.0f} | "
               f"{r['fwd_bwd_gbs']:.0f} | {r['fwd_gexp']:.0f} | {vs} |")
     if args.json:
         with open(args.json, "w") as fh:

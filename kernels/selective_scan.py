@@ -55,8 +55,9 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
         return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
                     FAST=False)
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
-    # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements).
-    cfg = dict(T=8, BD=32, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=1, warps_bwd=1, warps_pass=1,
+    # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements;
+    # the backward's main kernel splits N over 4 lanes instead: BD_BWD = 8 channels per warp).
+    cfg = dict(T=8, BD=64, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=2, warps_bwd=1, warps_pass=1,
                maxnreg_bwd=0, TPP=16, FAST=True)
     # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP]]" (maxnreg 0 = the compiler's choice).
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
@@ -245,7 +246,9 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     dC = alloc(Cg.shape, device=dev, dtype=torch.float32)
     # Per-tile partial sums (summed below): deterministic, and no atomics in the hot loop.
     parts = batch * n_tiles
-    dA_part = torch.empty(parts, nstate, dim, device=dev, dtype=torch.float32)
+    # dA's per-tile partials overwrite R: a program reads R for (its tile, a channel block) before
+    # it writes the partials of the same (tile, channel block), and no other program touches them.
+    dA_part = R.view(parts, nstate, dim)
     dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
     ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
     dzz = dz if dz is not None else du
