@@ -71,39 +71,45 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, L, DIM, W,
 
 
 @triton.jit
-def _conv_grad_pre(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, s_seq_b, pid_b, row, drow, offs_d, mask_d, t, L, W,
-                   WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Gradient w.r.t. the pre-activation at positions t (zero outside [0, L))."""
-    ok = (t >= 0) & (t < L)
-    g = tl.load(dout_ptr + drow + t[None, :], mask=mask_d[:, None] & ok[None, :], other=0.0).to(tl.float32)
-    if SILU:
-        pre = _conv_pre(x_ptr, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, L, W,
-                        WP, BD, BT, HAS_BIAS, REVERSE, HAS_SEQ)
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return g
+def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, g_ptr, L, DIM, W,
+                      s_x_b, s_x_d, s_do_b, s_do_d, s_g_b, s_g_d, s_seq_b,
+                      WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Backward pass 1 (SiLU only): g = dout * silu'(pre), the gradient at the pre-activation,
+    written once (float32) so that pass 2 reads it at W shifts instead of recomputing the conv."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
+    t = (tl.program_id(2) * BT + tl.arange(0, BT)).to(tl.int64)
+    mask_d = offs_d < DIM
+    m = mask_d[:, None] & (t < L)[None, :]
+    row = pid_b * s_x_b + offs_d[:, None] * s_x_d
+    pre = _conv_pre(x_ptr, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, L, W,
+                    WP, BD, BT, HAS_BIAS, REVERSE, HAS_SEQ)
+    g = tl.load(dout_ptr + pid_b * s_do_b + offs_d[:, None] * s_do_d + t[None, :], mask=m, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(pre)
+    g = g * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(g_ptr + pid_b * s_g_b + offs_d[:, None] * s_g_d + t[None, :], g, mask=m)
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, DIM, W,
-                     s_x_b, s_x_d, s_do_b, s_do_d, s_dx_b, s_dx_d, s_seq_b,
+def _conv_bwd_kernel(x_ptr, w_ptr, seq_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, L, DIM, W,
+                     s_x_b, s_x_d, s_g_b, s_g_d, s_dx_b, s_dx_d, s_seq_b,
                      WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """dx by the mirrored conv of the pre-activation gradient; dw, dbias reduced per tile."""
+                     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Backward pass 2, from g (the pre-activation gradient): dx by the mirrored conv of g;
+    dw, dbias reduced per tile and added atomically."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
     t = (tl.program_id(2) * BT + tl.arange(0, BT)).to(tl.int64)
     mask_d = offs_d < DIM
     in_t = t < L
     row = pid_b * s_x_b + offs_d[:, None] * s_x_d
-    drow = pid_b * s_do_b + offs_d[:, None] * s_do_d
+    grow = pid_b * s_g_b + offs_d[:, None] * s_g_d
     if HAS_SEQ:
         seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
     else:
         seq_t = t
-    g0 = _conv_grad_pre(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, s_seq_b, pid_b, row, drow, offs_d, mask_d, t, L, W,
-                        WP, BD, BT, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+    g0 = tl.load(g_ptr + grow + t[None, :], mask=mask_d[:, None] & in_t[None, :], other=0.0).to(tl.float32)
     if HAS_BIAS:
         tl.atomic_add(db_ptr + offs_d, tl.sum(g0, axis=1), mask=mask_d)
     dx = tl.zeros((BD, BT), dtype=tl.float32)
@@ -118,10 +124,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
                 tt = t - j
             else:
                 tt = t + j
-            gk = _conv_grad_pre(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, s_seq_b, pid_b, row, drow, offs_d, mask_d,
-                                tt, L, W, WP, BD, BT, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+            ok = (tt >= 0) & (tt < L)
+            gk = tl.load(g_ptr + grow + tt[None, :], mask=mask_d[:, None] & ok[None, :], other=0.0).to(tl.float32)
             if HAS_SEQ:
-                s_tt = tl.load(seq_ptr + pid_b * s_seq_b + tt, mask=(tt >= 0) & (tt < L), other=-3)
+                s_tt = tl.load(seq_ptr + pid_b * s_seq_b + tt, mask=ok, other=-3)
                 gk = tl.where((s_tt == seq_t)[None, :], gk, 0.0)
             wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
             dx += wk[:, None] * gk
@@ -174,13 +180,19 @@ def _conv_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, s
     dx = torch.empty_like(x)
     dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else dw.new_empty(0)
+    flags = dict(WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, REVERSE=reverse,
+                 HAS_SEQ=seq is not None, num_warps=warps)
+    seq_stride = seq.stride(0) if seq is not None else 0
+    if silu:
+        g = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        _conv_grad_kernel[grid](
+            x, w, bias if bias is not None else w, seq if seq is not None else w, dout, g, L, dim, W,
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), seq_stride, **flags)
+    else:
+        g = dout
     _conv_bwd_kernel[grid](
-        x, w, bias if bias is not None else w, seq if seq is not None else w, dout, dx, dw,
-        db if bias is not None else dw, L, dim, W,
-        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
-        seq.stride(0) if seq is not None else 0,
-        WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu,
-        REVERSE=reverse, HAS_SEQ=seq is not None, num_warps=warps)
+        x, w, seq if seq is not None else w, g, dx, dw, db if bias is not None else dw, L, dim, W,
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), dx.stride(0), dx.stride(1), seq_stride, **flags)
     return [dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db]
 
 

@@ -188,7 +188,7 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
 def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               initial_state, reverse, seq_idx, tiles, cfg, nsplit=None):
     """Backward on Triton from the saved tile-entry states. Returns the input gradients."""
-    u, delta, z, dout = _last_contig(u), _last_contig(delta), _last_contig(z), _last_contig(dout)
+    u, delta, z = _last_contig(u), _last_contig(delta), _last_contig(z)  # dout: any strides
     Bg, Cg = _as_groups(B), _as_groups(C)
     batch, dim, L = u.shape
     nstate = A.shape[1]
@@ -216,7 +216,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         u, delta, A_nd, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy,
         S, SDT, RST, L, dim, nstate, dpg, n_tiles, tpp,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Cg.stride(0), Cg.stride(1), Cg.stride(2),
-        zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), seq_stride,
+        zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), dout.stride(2), seq_stride,
         S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
         BD=BD, BN=BN, T=T, HAS_Z=z is not None, num_warps=cfg["warps"], **flags)
     # Pass 2: the adjoint entering every tile from the right (and the initial-state gradient),
@@ -260,7 +260,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         L, dim, nstate, dpg, dps, nsplit,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1), Cg.stride(2),
-        zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), seq_stride,
+        zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), dout.stride(2), seq_stride,
         tiles.stride(0), tiles.stride(1), tiles.stride(2),
         du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1), dzz.stride(0), dzz.stride(1),
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
@@ -330,7 +330,7 @@ def _backward(ctx, dout, dlast, _dtiles):
         raise RuntimeError("selective_scan: the forward ran without saving states for a backward "
                            "(inputs did not require grad when it ran)")
     du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = _scan_bwd_op(
-        dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles,
+        dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles,
         ctx.softplus, ctx.reverse)
     keep = lambda g, t: g if t is not None else None  # noqa: E731
     return (du, ddelta, dA, dB, dC, keep(dD, D), keep(dz, z), keep(ddb, delta_bias),

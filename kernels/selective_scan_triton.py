@@ -121,6 +121,14 @@ def _load_td(ptr, base, s_d, offs_d, mask_d, p, mask_t):
 
 
 @triton.jit
+def _load_tdl(ptr, base, s_d, s_l, offs_d, mask_d, p, mask_t):
+    """(T, BD) tile with any stride along L (the incoming gradient may be channels-contiguous: it
+    then loads coalesced across channels, and no transposed copy is made)."""
+    return tl.load(ptr + base + offs_d[None, :] * s_d + p[:, None] * s_l,
+                   mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _load_tn(ptr, base, s_n, offs_n, mask_n, p, mask_t):
     """(T, N) tile of B or C for one group, as float32."""
     return tl.load(ptr + base + offs_n[None, :] * s_n + p[:, None],
@@ -404,7 +412,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _adjoint_inputs(delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k, L,
-                    dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d,
+                    dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d, s_do_l,
                     offs_d, mask_d, offs_n, mask_n, T: tl.constexpr,
                     HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
                     HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, FAST: tl.constexpr):
@@ -412,7 +420,7 @@ def _adjoint_inputs(delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b,
     p, mask_t = _tile_positions(k, L, T, REVERSE)
     dt = _delta(delta_ptr, dl_base, s_dl_d, offs_d, mask_d, p, mask_t, db_ptr, HAS_DB, SOFTPLUS, FAST)
     Ct = _load_tn(C_ptr, C_base, s_C_n, offs_n, mask_n, p, mask_t)
-    dy = _load_td(dout_ptr, do_base, s_do_d, offs_d, mask_d, p, mask_t)
+    dy = _load_tdl(dout_ptr, do_base, s_do_d, s_do_l, offs_d, mask_d, p, mask_t)
     if HAS_Z:
         zz = _load_td(z_ptr, z_base, s_z_d, offs_d, mask_d, p, mask_t)
         dy = dy * zz * _sigmoid(zz, FAST)
@@ -424,7 +432,7 @@ def _adjoint_inputs(delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b,
 def _adjoint_tile_kernel(
     u_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, S_ptr, SDT_ptr, RST_ptr,
     L, DIM, NSTATE, DIM_PER_GROUP, N_TILES, TILES_PER_PROG,
-    s_u_b, s_u_d, s_dl_b, s_dl_d, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_do_b, s_do_d, s_seq_b,
+    s_u_b, s_u_d, s_dl_b, s_dl_d, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_seq_b,
     s_S_b, s_S_c, s_S_n, s_t_b, s_t_c, s_r_b,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -454,13 +462,13 @@ def _adjoint_tile_kernel(
     n_here = tl.minimum(TILES_PER_PROG, N_TILES - k0)
     dt_n, C_n, dy_n, r_n = _adjoint_inputs(
         delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0, L,
-        dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d,
+        dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d, s_do_l,
         offs_d, mask_d, offs_n, mask_n, T, HAS_Z, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
     for i in range(0, n_here):
         dt, Ct, dy, reset = dt_n, C_n, dy_n, r_n
         dt_n, C_n, dy_n, r_n = _adjoint_inputs(
             delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0 + i + 1, L,
-            dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d,
+            dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d, s_do_l,
             offs_d, mask_d, offs_n, mask_n, T, HAS_Z, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
         a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
         c = dy[:, None, :] * Ct[:, :, None]
@@ -478,7 +486,7 @@ def _adjoint_tile_kernel(
 @triton.jit
 def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
                 pid_b, k, d0, d_end, offs_n, mask_n, p, mask_t, DIM,
-                s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_h_b, s_h_c, s_h_n,
+                s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
                 BD: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr):
     """Raw loads of one channel block for the backward (issued one block ahead: prefetch)."""
     offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
@@ -489,7 +497,7 @@ def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, 
     raw = _load_td(delta_ptr, pid_b * s_dl_b, s_dl_d, offs_d, mask_d, p, mask_t)
     if HAS_DB:
         raw += tl.load(db_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
-    dout = _load_td(dout_ptr, pid_b * s_do_b, s_do_d, offs_d, mask_d, p, mask_t)
+    dout = _load_tdl(dout_ptr, pid_b * s_do_b, s_do_d, s_do_l, offs_d, mask_d, p, mask_t)
     if HAS_Z:
         zz = _load_td(z_ptr, pid_b * s_z_b, s_z_d, offs_d, mask_d, p, mask_t)
     else:
@@ -507,7 +515,7 @@ def _bwd_kernel(
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddb_ptr,
     L, DIM, NSTATE, DIM_PER_GROUP, DIM_PER_SPLIT, NSPLIT,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d,
-    s_do_b, s_do_d, s_seq_b,
+    s_do_b, s_do_d, s_do_l, s_seq_b,
     s_h_b, s_h_c, s_h_n,
     s_du_b, s_du_d, s_ddl_b, s_ddl_d, s_dz_b, s_dz_d, s_dB_b, s_dB_g, s_dB_n, s_dC_b, s_dC_g, s_dC_n,
     s_dA_t, s_dD_t,
@@ -542,14 +550,14 @@ def _bwd_kernel(
     o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n = _bwd_inputs(
         u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
         pid_b, k, d_start, d_end, offs_n, mask_n, p, mask_t, DIM,
-        s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_h_b, s_h_c, s_h_n,
+        s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
         BD, HAS_Z, HAS_DB)
     for d0 in range(d_start, d_end, BD):
         offs_d, mask_d, At, u, raw, dout, zz, h0, r0 = o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n
         o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n = _bwd_inputs(
             u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
             pid_b, k, d0 + BD, d_end, offs_n, mask_n, p, mask_t, DIM,
-            s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_h_b, s_h_c, s_h_n,
+            s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
             BD, HAS_Z, HAS_DB)
         mnd = mask_n[:, None] & mask_d[None, :]
         m2 = mask_t[:, None] & mask_d[None, :]

@@ -79,3 +79,22 @@ def test_both_ops_compile_without_graph_breaks():
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     out.backward()
     assert torch.allclose(out, eager, atol=1e-6) and torch.allclose(x.grad, g0, atol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_conv_backward_on_a_channel_slice(reverse):
+    """x as the model passes it: half of an in_proj output (batch stride twice the slice's size).
+    The SiLU backward's scratch gradient has its own strides; batch 1 must not land on batch 0."""
+    batch, dim, L = 3, 6, 33
+    xz = torch.randn(batch, 2 * dim, L)
+    w, b = torch.randn(dim, 4), torch.randn(dim)
+    x = xz[:, dim:].clone().requires_grad_()
+    x_view = xz.clone().requires_grad_()
+    ref = [t.double().requires_grad_() for t in (x.detach(), w, b)]
+    o = causal_conv1d(x_view[:, dim:], w, b, activation="silu", reverse=reverse, backend="triton")
+    o_ref = causal_conv1d_ref(*ref, activation="silu", reverse=reverse, dtype=torch.float64)
+    g = torch.randn_like(o_ref)
+    (o.double() * g).sum().backward()
+    (o_ref * g).sum().backward()
+    assert rel(x_view.grad[:, dim:], ref[0].grad) < 1e-5
+    assert x_view.grad[:, :dim].abs().max() == 0

@@ -187,3 +187,20 @@ def test_triton_many_tiles_in_place_state_passing(reverse):
     ids[:, 70:] = 1
     ids[:, 133:] = 2
     compare(make(batch=1, dim=4, L=L), 1e-5, reverse=reverse, seq_idx=ids)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_backward_takes_channels_contiguous_and_expanded_gradients(reverse):
+    """The incoming gradient is read with its own strides (a transposed out-projection hands back a
+    channels-contiguous one; a sum hands back an expanded one): same gradients as a contiguous copy."""
+    t = make(batch=1, dim=8, L=29, h0=False)
+    args = [t[k] for k in NAMES[:8]]
+    cases = {"transposed": torch.randn(1, 29, 8).transpose(1, 2), "expanded": torch.ones(1, 1, 1).expand(1, 8, 29)}
+    for name, g in cases.items():
+        grads = []
+        for go in (g, g.contiguous()):
+            leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+            selective_scan(*leaves, delta_softplus=True, reverse=reverse, backend="triton").backward(go)
+            grads.append([leaf.grad for leaf in leaves if leaf is not None])
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
