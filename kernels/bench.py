@@ -256,7 +256,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         vs = (f"{r['vs_mamba_fwd']:.2f}x / {r['vs_mamba_fwd_bwd']:.2f}x" if r["vs_mamba_fwd"] else "n/a")
-        print(f"| {r['shape']} | {r['fwd_ms']:.3f} | {r['fwd_rev_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_gbs']:.0f} | "
+        print(f"| {r['shape']} | {r['fwd_ms']:.3f} | {r['fwd_rev_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+              f"{r['fwd_gbs']:.0f} | "
               f"{r['fwd_bwd_gbs']:.0f} | {r['fwd_gexp']:.0f} | {vs} |")
     if args.json:
         with open(args.json, "w") as fh:

@@ -1,26 +1,33 @@
 """Triton selective scan: chunked forward and backward kernels.
 
-Layout. A register tile is (T, BD, N): T time steps x BD channels x N states, with the time axis
-*first*. Triton's default layout spreads lanes and warps over the last axes (N, then channels),
-so every thread owns all T steps of its (channel, state) pairs and `tl.associative_scan` along
-axis 0 runs as a plain sequential loop in registers: no shuffles, no shared memory. (With time
-last, Triton spread it over 32 lanes and 2 warps and the scan cost 5-10x more; measured on H100.)
+Layout. A register tile is (T, N, BD): T time steps x N states x BD channels, time axis *first*.
+Triton's default layout puts lanes and warps on the last axis, so with BD = 32 x warps every
+thread owns one channel with all T steps and all N states in its registers: the scan along axis 0
+is a sequential loop in registers and sums over N are in-thread multiply-adds (no shuffles, no
+shared memory). The backward's main kernel uses BD = 8 per warp instead (N split over 4 lanes):
+it must also reduce dB and dC over channels, and one channel per thread does not fit in registers.
+Scans against the register order flip the tile (`_flip_if`) rather than using reverse=True,
+which costs two lane shuffles per element even along an in-thread axis. Exponentials, reciprocals
+and logarithms use the bare `.approx.ftz` instructions on the GPU (`FAST`); kernels/BENCHMARKS.md
+has the measurements behind each choice.
 
 Passes (DESIGN.md section 4 says why):
 * Forward. Tiles are grouped into chunks. `_chunk_state_kernel` reduces every chunk to its end
-  state from zero and its total decay; `_state_passing_kernel` (a tiled associative scan over
-  chunks) gives every chunk its entering state; `_fwd_kernel` rescans each chunk from that state,
-  writes out = (C.h + D u) * silu(z) and, for the backward, the state entering every tile. When
+  state from zero and its sum of dt (its decay is exp(A * sum dt)); `_state_passing_kernel` (a
+  tiled associative scan over chunks, one program per channel block and state) gives every chunk
+  its entering state; `_fwd_kernel` rescans each chunk from that state, writes
+  out = (C.h + D u) * silu(z) and, for the backward, the state entering every tile. When
   (batch x channel blocks) already fill the GPU the sequence is one chunk and passes 1-2 are skipped.
 * Backward. `_adjoint_tile_kernel` reduces every tile's adjoint from a zero right boundary; the same
   state-passing kernel run right to left gives the adjoint entering each tile; `_bwd_kernel`, one
   program per (batch, tile, channel split), recomputes h from the saved tile state, gets
-  q_t = dL/dh_t from one reverse scan over pairs of affine maps (inclusive and exclusive at once,
-  so no shifted a_{t+1} and no second exponential), and loops over channel blocks so dB and dC are
-  reduced over channels in registers and stored once.
+  q_t = dL/dh_t = C_t dy_t + a_{t+1} q_{t+1} from one scan (`_combine_next`: no shifted a_{t+1},
+  no second exponential), and loops over channel blocks so dB and dC are reduced over channels in
+  registers and stored once.
 * reverse=True visits physical tiles from the end of the sequence and scans each right to left:
   loads stay in increasing address order and nothing is flipped in memory.
 * seq_idx resets the state (a_t = 0) where the sequence id changes. All offsets are 64-bit.
+* State buffers are (batch, tile or chunk, N, dim): channels contiguous, like the threads.
 """
 
 from __future__ import annotations
