@@ -94,6 +94,19 @@ def _decay_buffers(batch: int, n: int, dim: int, has_seq: bool, device) -> tuple
     return sdt, rst
 
 
+def _pass_states(S, SDT, RST, A_nd, h0, H_in, H_last, has_seq: bool, reverse: bool, cfg: dict) -> None:
+    """State passing over chunks (forward) or tiles (adjoint, reverse=True): fills H_in, the state
+    entering each, and H_last, the final state, from S (batch, n, N, dim) and the decay sums.
+    h0 (the state before the first one, or None) has H_last's layout: contiguous (batch, dim, N)."""
+    batch, n, nstate, dim = S.shape
+    K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]), nstate)](
+        S, SDT, RST, A_nd, h0 if h0 is not None else H_last, H_in, H_last,
+        n, dim, S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
+        H_last.stride(0), H_last.stride(1),
+        BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=h0 is not None, HAS_SEQ=has_seq, REVERSE=reverse,
+        num_warps=cfg["warps_pass"])
+
+
 def _as_groups(X: torch.Tensor) -> torch.Tensor:
     X = X if X.stride(-1) == 1 else X.contiguous()
     return X.unsqueeze(1) if X.dim() == 3 else X
@@ -156,12 +169,7 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
             BD=BD, BN=BN, T=T, num_warps=cfg["warps"], **flags)
         Hc = torch.empty_like(S)
         scratch = torch.empty_like(last)
-        K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]), nstate)](
-            S, SDT, RST, A_nd, h0 if h0 is not None else dummy, Hc, scratch,
-            n_chunks, dim, S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
-            last.stride(0), last.stride(1),
-            BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=h0 is not None, HAS_SEQ=seq is not None, REVERSE=False,
-            num_warps=cfg["warps_pass"])
+        _pass_states(S, SDT, RST, A_nd, h0, Hc, scratch, seq is not None, False, cfg)
         del S, SDT, RST
         hc, hc_strides = Hc, (Hc.stride(0), Hc.stride(1), 1, Hc.stride(2))
     elif h0 is not None:
@@ -224,12 +232,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     R = S
     dh0 = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     dl = None if dlast is None else dlast.float().contiguous()
-    K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]), nstate)](
-        S, SDT, RST, A_nd, dl if dl is not None else dummy, R, dh0,
-        n_tiles, dim, S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
-        dh0.stride(0), dh0.stride(1),
-        BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=dl is not None, HAS_SEQ=seq is not None, REVERSE=True,
-        num_warps=cfg["warps_pass"])
+    _pass_states(S, SDT, RST, A_nd, dl, R, dh0, seq is not None, True, cfg)
     del SDT, RST
     # Pass 3: every gradient, one program per (batch, tile, channel split).
     if nsplit is None:
