@@ -53,13 +53,18 @@ def _combine_next(f1, p1, q1, f2, p2, q2):
 
 
 @triton.jit
+def _ptx_ftz(x, INSTR: tl.constexpr):
+    """One approximate float32 PTX instruction with subnormals flushed to zero (`INSTR`.approx.ftz).
+    tl.exp2 and friends add a range test and two multiplies per call to keep subnormal results,
+    which a decaying state does not need. The interpreter has no inline PTX: callers pass FAST=False."""
+    return tl.inline_asm_elementwise(INSTR + ".approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def _exp2(x, FAST: tl.constexpr):
-    """2**x. FAST: the bare MUFU instruction with subnormals flushed to zero (ex2.approx.ftz);
-    plain tl.exp2 adds a range test and two multiplies per call to keep subnormal results, which
-    a decaying state does not need. The interpreter has no inline PTX, so it takes tl.exp2."""
     if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_ftz(x, "ex2")
     else:
         return tl.exp2(x)
 
@@ -67,8 +72,7 @@ def _exp2(x, FAST: tl.constexpr):
 @triton.jit
 def _log2(x, FAST: tl.constexpr):
     if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_ftz(x, "lg2")
     else:
         return tl.log2(x)
 
@@ -76,8 +80,7 @@ def _log2(x, FAST: tl.constexpr):
 @triton.jit
 def _recip(x, FAST: tl.constexpr):
     if FAST:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_ftz(x, "rcp")
     else:
         return 1.0 / x
 
