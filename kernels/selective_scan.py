@@ -89,8 +89,7 @@ def _decay_buffers(batch: int, n: int, dim: int, has_seq: bool, device) -> tuple
     """Per chunk (or tile): the sum of dt per channel, and a restart flag when seq_idx is given.
     The passing kernel turns them into decays exp(A * sum dt): 1/N of a per-state decay buffer."""
     sdt = torch.empty(batch, n, dim, device=device, dtype=torch.float32)
-    rst = torch.empty(batch, n, device=device, dtype=torch.int32) if has_seq else \
-        torch.empty(batch, 1, device=device, dtype=torch.int32)
+    rst = torch.empty(batch, n if has_seq else 1, device=device, dtype=torch.int32)
     return sdt, rst
 
 
