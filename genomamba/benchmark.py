@@ -25,6 +25,7 @@ from torch import nn
 
 from .atomic import atomic_open
 from .model import BiMambaConfig, BiMambaForMaskedLM, load_model_config
+from .model.graphs import CudaGraphed
 
 
 class SDPATransformer(nn.Module):
@@ -80,8 +81,10 @@ def _peak_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure(model, L: int, *, train: bool, device: str, warmup: int = 2, repeat: int = 5, batch: int = 1):
-    """(ms per step, peak GiB) for one training step or one inference of `batch` x L tokens."""
+def measure(model, L: int, *, train: bool, device: str, warmup: int = 2, repeat: int = 5, batch: int = 1,
+            cuda_graphs: bool = False):
+    """(ms per step, peak GiB) for one training step or one inference of `batch` x L tokens.
+    cuda_graphs: inference replays a CUDA graph (captured during the warm-up)."""
     gpu = device.startswith("cuda")
     ids = torch.randint(7, 11, (batch, L), device=device)
     mask = torch.rand(batch, L, device=device) < 0.15
@@ -102,10 +105,15 @@ def measure(model, L: int, *, train: bool, device: str, warmup: int = 2, repeat:
             model.zero_grad(set_to_none=True)
     else:
         model.eval()
+        graphed = CudaGraphed(model) if cuda_graphs and gpu else None
 
         def step():
             with torch.no_grad():
-                forward(ids)
+                if graphed is not None:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        graphed(ids)
+                else:
+                    forward(ids)
     ms = _timer(device, warmup, repeat)(step)
     return ms, _peak_gib(device)
 
@@ -151,6 +159,7 @@ def run_benchmark(args) -> int:
         f"{torch.get_num_threads()} threads)"
     header = (f"{machine}; torch {torch.__version__}; {when}; d_model {cfg.d_model}, {cfg.n_layer} layers, "
               f"RCPS {'on' if cfg.rc_equivariant else 'off'}, checkpointing {'on' if args.checkpointing else 'off'}, "
+              f"CUDA graphs {'on' if args.cuda_graphs else 'off'}, "
               f"batch {args.batch}, {'bf16 autocast' if gpu else 'fp32'}")
     print(f"# {header}")
     print("| model | parameters | mode | L | ms | tokens/s | peak GiB |\n|---|---|---|---|---|---|---|", flush=True)
@@ -163,7 +172,8 @@ def run_benchmark(args) -> int:
                 else:
                     try:
                         ms, gib = measure(m, L, train=mode == "train", device=device, warmup=args.warmup,
-                                          repeat=args.repeat, batch=args.batch)
+                                          repeat=args.repeat, batch=args.batch,
+                                          cuda_graphs=args.cuda_graphs and name.startswith("genomamba"))
                         row.update(ms=round(ms, 2), tokens_per_s=round(args.batch * L / ms * 1e3),
                                    peak_gib=round(gib, 2))
                     except torch.OutOfMemoryError:

@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--bin", type=int, default=1, help="bedGraph: average scores in bins of this many bp")
     pr.add_argument("--no-rc-average", action="store_true", help="score the forward strand only (2x faster)")
     pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--no-cuda-graphs", action="store_true",
+                    help="per-base tracks on a GPU: launch every kernel instead of replaying CUDA graphs "
+                         "(used by default when batch size x window <= 262,144)")
     pr.add_argument("--workers", type=int, default=0, help="background FASTA-reading processes")
     pr.add_argument("--devices", type=int, default=1,
                     help="per-base tracks: share the windows among this many GPUs (or CPU processes) via Lightning DDP")
@@ -322,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", default="train,infer", help="train, infer or both")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--checkpointing", action="store_true", help="per-layer gradient checkpointing")
+    b.add_argument("--cuda-graphs", action="store_true", help="inference: replay a CUDA graph per shape "
+                   "(what `predict` does for short windows)")
     b.add_argument("--transformer", action="store_true", help="also time a same-size SDPA Transformer")
     b.add_argument("--transformer-max-length", type=int, default=131072)
     b.add_argument("--warmup", type=int, default=2)

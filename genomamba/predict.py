@@ -30,8 +30,13 @@ from .atomic import atomic_open, atomic_path
 from .errors import InputError
 from .inputs import items_from_args, pad_batch, parse_region
 from .io import Fasta, read_bed
-from .model import (BiMambaForMaskedLM, BiMambaForSequenceClassification, BiMambaForTokenClassification,
-                    from_pretrained)
+from .model import (
+    BiMambaForMaskedLM,
+    BiMambaForSequenceClassification,
+    BiMambaForTokenClassification,
+    from_pretrained,
+)
+from .model.graphs import CudaGraphed
 from .windows import CentredTile, centred_tiles
 
 TRACK_SUFFIXES = (".bedgraph", ".bg", ".h5", ".hdf5")
@@ -92,22 +97,37 @@ def _regions(args, fasta: Fasta) -> list[tuple[str, str, int, int]]:
     return regions
 
 
+GRAPH_MAX_TOKENS = 262_144  # CUDA graphs pay off where launches dominate; longer batches keep eager mode
+
+
 @torch.no_grad()
 def predict_track(model, fasta_path, regions, *, window: int, overlap: int, batch_size: int, device: str,
-                  target_class: int = 1, rc_average: bool = True, workers: int = 0) -> list[np.ndarray]:
-    """One float32 array per region (NaN where unscored), from centred tiles."""
+                  target_class: int = 1, rc_average: bool = True, workers: int = 0,
+                  cuda_graphs: bool | None = None) -> list[np.ndarray]:
+    """One float32 array per region (NaN where unscored), from centred tiles.
+
+    cuda_graphs: replay each batch shape from a CUDA graph (default: on CUDA when a batch is at
+    most GRAPH_MAX_TOKENS tokens, where the launches of a forward cost more than its GPU work).
+    """
     tiles, owner = _tiles(regions, window, overlap)
     tracks = [np.full(e - s, np.nan, dtype=np.float32) for _, _, s, e in regions]
     loader = DataLoader(TileDataset(fasta_path, tiles), batch_size=batch_size, collate_fn=_collate,
                         num_workers=workers, pin_memory=device.startswith("cuda"),
                         persistent_workers=False, prefetch_factor=4 if workers else None)
     use_amp = device.startswith("cuda")
+    if cuda_graphs is None:
+        cuda_graphs = use_amp and batch_size * window <= GRAPH_MAX_TOKENS
+
+    def score(ids, mask):
+        return per_base_scores(model, ids, mask, target_class=target_class, rc_average=rc_average)
+
+    scorer = CudaGraphed(score) if cuda_graphs and use_amp else score
     bases = sum(t.keep_end - t.keep_start for t in tiles)
     with tqdm(total=bases, desc="predict", unit="bp", unit_scale=True, disable=bases < 10 * window) as bar:
         for idx, ids, mask in loader:
             ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                scores = per_base_scores(model, ids, mask, target_class=target_class, rc_average=rc_average)
+                scores = scorer(ids, mask)
             _place(tracks, tiles, owner, regions, idx, scores.cpu().numpy())
             bar.update(sum(tiles[i].keep_end - tiles[i].keep_start for i in idx))
     return tracks
@@ -291,7 +311,8 @@ def run_predict(args) -> int:
     else:
         tracks = predict_track(model, args.fasta, regions, window=window, overlap=overlap,
                                batch_size=args.batch_size, device=args.device, target_class=args.target_class,
-                               rc_average=rc_average, workers=args.workers)
+                               rc_average=rc_average, workers=args.workers,
+                               cuda_graphs=False if args.no_cuda_graphs else None)
     t1 = time.perf_counter()
     score = "probability of the reference base (masked-LM head, unmasked input)" if is_lm else \
         f"probability of class {args.target_class}"

@@ -11,6 +11,8 @@ is an error naming the record and offset, or UNK when `lenient=True`.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .errors import InputError
@@ -76,10 +78,18 @@ def reverse_complement(ids):
     except ImportError:  # pragma: no cover - torch is a dependency
         torch = None
     if torch is not None and isinstance(ids, torch.Tensor):
-        table = torch.as_tensor(_RC, device=ids.device)
-        return table[ids.long()].flip(-1).to(ids.dtype)
+        return _rc_table(ids.device)[ids.long()].flip(-1).to(ids.dtype)
     arr = np.asarray(ids)
     return _RC[arr][..., ::-1].astype(arr.dtype, copy=False)
+
+
+@functools.cache
+def _rc_table(device):
+    """The complement table as a tensor on `device`, made once: no host-to-device copy per call
+    (a copy would also break CUDA-graph capture of a forward that reverse-complements)."""
+    import torch
+
+    return torch.as_tensor(_RC, device=device)
 
 
 def complement_table() -> np.ndarray:

@@ -1,14 +1,17 @@
-"""genomamba_kernels: fused selective scan and causal conv1d in Triton, with PyTorch references.
+"""genomamba_kernels: fused selective scan, causal conv1d and residual add + RMSNorm in Triton, with PyTorch references.
 
 Installed from the repository folder `kernels/` under the import name `genomamba_kernels` (a
 top-level `kernels` module belongs to another package). It imports nothing from `genomamba`.
 """
 
+from .add_rms_norm import add_rms_norm, add_rms_norm_ref
 from .causal_conv1d import causal_conv1d
 from .reference import causal_conv1d_ref, selective_scan_chunked, selective_scan_ref
 from .selective_scan import selective_scan, seq_idx_from_cu_seqlens
 
 __all__ = [
+    "add_rms_norm",
+    "add_rms_norm_ref",
     "causal_conv1d",
     "selective_scan",
     "selective_scan_ref",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from genomamba_kernels import add_rms_norm
 from torch.utils.checkpoint import checkpoint
 
 from .config import BiMambaConfig
@@ -34,7 +35,11 @@ class _MixerAdapter(nn.Module):
 
 
 class Block(nn.Module):
-    """residual += hidden; hidden = mixer(norm(residual)), with the residual stream kept in fp32."""
+    """residual += hidden; hidden = mixer(norm(residual)), with the residual stream kept in fp32.
+
+    The add and the norm are one fused kernel (genomamba_kernels.add_rms_norm) that writes the
+    normalised activations directly in the autocast dtype the in_proj GEMM reads.
+    """
 
     def __init__(self, cfg: BiMambaConfig):
         super().__init__()
@@ -45,14 +50,32 @@ class Block(nn.Module):
         self.norm = RCPSNorm(norm) if cfg.rc_equivariant else norm
         self.residual_in_fp32 = cfg.residual_in_fp32
 
+    def add_norm(self, hidden, residual):
+        """(normed, hidden + residual); residual None at the first block."""
+        return add_norm(self.norm, hidden, residual, self.residual_in_fp32)
+
     def forward(self, hidden, residual, seq_idx=None, chunk_len=None):
-        residual = hidden if residual is None else hidden + residual
-        if self.residual_in_fp32:
-            residual = residual.float()
-        # Normalise in the residual's precision (fp32 with fp32 norm weights keeps RMSNorm on its
-        # fused path); autocast casts the result for the projections that follow.
-        normed = self.norm(residual if self.residual_in_fp32 else residual.to(hidden.dtype))
+        normed, residual = self.add_norm(hidden, residual)
         return self.mixer(normed, seq_idx=seq_idx, chunk_len=chunk_len), residual
+
+    def mix(self, residual, seq_idx=None, chunk_len=None):
+        """mixer(norm(residual)) for an already summed residual stream (the checkpointed step)."""
+        return self.mixer(self.add_norm(residual, None)[0], seq_idx=seq_idx, chunk_len=chunk_len)
+
+
+def add_norm(norm: nn.Module, hidden, residual, residual_in_fp32: bool, autocast_out: bool = True):
+    """Residual add then pre-norm: (normed, residual). With autocast_out the normed output is in
+    the autocast dtype when autocast is on (what the next GEMM casts it to anyway); otherwise, and
+    without autocast, in the residual's dtype (the final norm: heads and embeddings read fp32)."""
+    res_dtype = torch.float32 if residual_in_fp32 else hidden.dtype
+    device_type = hidden.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) \
+        if autocast_out and torch.is_autocast_enabled(device_type) else res_dtype
+    if isinstance(norm, nn.RMSNorm):
+        eps = norm.eps if norm.eps is not None else torch.finfo(res_dtype).eps
+        return add_rms_norm(hidden, residual, norm.weight, eps, out_dtype=out_dtype, residual_dtype=res_dtype)
+    residual = (hidden if residual is None else hidden + residual).to(res_dtype)  # RCPS: norm per strand half
+    return norm(residual).to(out_dtype), residual
 
 
 class BiMambaModel(nn.Module):
@@ -83,13 +106,18 @@ class BiMambaModel(nn.Module):
         """chunk_len: run each layer's mixer over chunks of this many positions (long inputs)."""
         seq_idx = seq_idx_from_mask(attention_mask)
         hidden, residual = self.embedding(input_ids), None
+        fp32 = self.config.residual_in_fp32
         for layer in self.layers:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, residual = checkpoint(layer, hidden, residual, seq_idx, chunk_len, use_reentrant=False)
+                # The checkpoint keeps one tensor per layer, the summed residual stream (the add
+                # outside it saves nothing for its backward): 4 bytes per position and channel.
+                residual = (hidden if residual is None else hidden + residual).to(
+                    torch.float32 if fp32 else hidden.dtype)
+                hidden = checkpoint(layer.mix, residual, seq_idx, chunk_len, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual, seq_idx, chunk_len)
-        residual = hidden + residual
-        return self.norm_f(residual if self.config.residual_in_fp32 else residual.to(hidden.dtype))
+        normed, _ = add_norm(self.norm_f, hidden, residual, fp32, autocast_out=False)
+        return normed
 
     @torch.no_grad()
     def embed(self, input_ids, attention_mask=None, *, pool: str = "mean", chunk_len: int | None = None):

@@ -21,7 +21,8 @@ def rc_hidden(h: torch.Tensor) -> torch.Tensor:
 
 
 def complement_index(device=None) -> torch.Tensor:
-    return torch.as_tensor(tokenizer.complement_table(), device=device)
+    """id -> complementary id, on `device` (cached: see tokenizer._rc_table)."""
+    return tokenizer._rc_table(torch.device(device) if device is not None else torch.device("cpu"))
 
 
 class RCPSEmbedding(nn.Module):
