@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--class", dest="target_class", type=int, default=1,
                     help="token classifiers: which class's probability to write (default 1)")
     pr.add_argument("--bin", type=int, default=1, help="bedGraph: average scores in bins of this many bp")
+    pr.add_argument("--compress", action="store_true", help="HDF5 track: gzip (smaller, much slower to write)")
     pr.add_argument("--no-rc-average", action="store_true", help="score the forward strand only (2x faster)")
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--no-cuda-graphs", action="store_true",

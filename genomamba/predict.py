@@ -233,13 +233,18 @@ def write_bedgraph(path: Path, regions, tracks, *, bin_size: int = 1, digits: in
                 fh.write(f"{contig}\t{a}\t{b}\t{v:.{digits}g}\n")
 
 
-def write_track_h5(path: Path, regions, tracks, attrs: dict):
+def write_track_h5(path: Path, regions, tracks, attrs: dict, compress: bool = False):
+    """One float32 dataset per region in 1 Mi-value chunks. compress: gzip level 1 with byte
+    shuffling, 10-20% smaller for raw probabilities but ~20x slower to write (measured on the
+    63 M values of chr20: 8 s against 0.35 s), so off by default."""
     import h5py
 
+    filters = dict(compression="gzip", compression_opts=1, shuffle=True) if compress else {}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         grp = f.create_group("tracks")
         for k, values in enumerate(tracks):
-            grp.create_dataset(str(k), data=values, chunks=True, compression="gzip", compression_opts=1)
+            grp.create_dataset(str(k), data=values, chunks=(min(len(values), 1 << 20),) if len(values) else None,
+                               **filters)
         for col, j in (("name", 0), ("contig", 1)):
             f.create_dataset(col, data=np.array([r[j] for r in regions], dtype=h5py.string_dtype()))
         f.create_dataset("start", data=np.array([r[2] for r in regions], dtype=np.int64))
@@ -318,7 +323,8 @@ def run_predict(args) -> int:
         f"probability of class {args.target_class}"
     if out.suffix.lower() in (".h5", ".hdf5"):
         write_track_h5(out, regions, tracks, {"model": str(args.model), "score": score, "window": window,
-                                              "overlap": overlap, "rc_average": rc_average})
+                                              "overlap": overlap, "rc_average": rc_average},
+                       compress=args.compress)
     else:
         write_bedgraph(out, regions, tracks, bin_size=args.bin, name=Path(args.model).name)
     t2 = time.perf_counter()

@@ -69,8 +69,11 @@ def test_bedgraph_matches_h5_track_and_skips_n(tmp_path, data, models):
             "--window", "128", "--class", "2", "--device", "cpu", "--no-rc-average"]
     assert main([*args, "--out", str(tmp_path / "t.h5")]) == 0
     assert main([*args, "--out", str(tmp_path / "t.bedGraph")]) == 0
-    with h5py.File(tmp_path / "t.h5") as f:
+    assert main([*args, "--compress", "--out", str(tmp_path / "z.h5")]) == 0
+    with h5py.File(tmp_path / "t.h5") as f, h5py.File(tmp_path / "z.h5") as z:
         track = f["tracks/0"][:]
+        assert f["tracks/0"].compression is None and z["tracks/0"].compression == "gzip"
+        np.testing.assert_array_equal(z["tracks/0"][:], track)
     lines = (tmp_path / "t.bedGraph").read_text().splitlines()
     assert lines[0].startswith("track type=bedGraph")
     rebuilt = np.full(400, np.nan)
