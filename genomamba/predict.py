@@ -18,10 +18,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -65,13 +63,16 @@ def _collate(batch):
 
 
 def per_base_scores(model, ids, mask, *, target_class: int, rc_average: bool) -> torch.Tensor:
-    """(batch, L) float32 scores; NaN where there is no base to score (N, padding)."""
+    """(batch, L) float32 scores; NaN where there is no base to score (N, padding; mask None:
+    no padding)."""
     probs = model(ids, mask, conjoin=rc_average).float().softmax(-1)  # strands averaged in logit space
     if isinstance(model, BiMambaForTokenClassification):
         out = probs[..., target_class]
     else:  # masked LM: probability of the reference base
         out = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    scorable = (ids >= tokenizer.A_ID) & (ids <= tokenizer.T_ID) & mask
+    scorable = (ids >= tokenizer.A_ID) & (ids <= tokenizer.T_ID)
+    if mask is not None:
+        scorable &= mask
     return out.masked_fill(~scorable, float("nan"))
 
 
@@ -118,18 +119,39 @@ def predict_track(model, fasta_path, regions, *, window: int, overlap: int, batc
     if cuda_graphs is None:
         cuda_graphs = use_amp and batch_size * window <= GRAPH_MAX_TOKENS
 
-    def score(ids, mask):
+    def score(ids, mask=None):
         return per_base_scores(model, ids, mask, target_class=target_class, rc_average=rc_average)
 
     scorer = CudaGraphed(score) if cuda_graphs and use_amp else score
     bases = sum(t.keep_end - t.keep_start for t in tiles)
+
+    def finish(batch):  # wait for a batch's scores (copied to host memory) and place them
+        idx, host, done = batch
+        if done is not None:
+            done.synchronize()
+        _place(tracks, tiles, owner, regions, idx, host.numpy())
+        bar.update(sum(tiles[i].keep_end - tiles[i].keep_start for i in idx))
+
     with tqdm(total=bases, desc="predict", unit="bp", unit_scale=True, disable=bases < 10 * window) as bar:
+        pending = None
         for idx, ids, mask in loader:
-            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            # A batch with no padding runs the model without a mask: no segment ids, no resets.
+            args = (ids,) if bool(mask.all()) else (ids, mask)
+            args = tuple(a.to(device, non_blocking=True) for a in args)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                scores = scorer(ids, mask)
-            _place(tracks, tiles, owner, regions, idx, scores.cpu().numpy())
-            bar.update(sum(tiles[i].keep_end - tiles[i].keep_start for i in idx))
+                scores = scorer(*args)
+            if use_amp:  # copy back asynchronously; the host places the previous batch meanwhile
+                host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+                host.copy_(scores, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                host, done = scores, None
+            if pending is not None:
+                finish(pending)
+            pending = (idx, host, done)
+        if pending is not None:
+            finish(pending)
     return tracks
 
 
@@ -150,56 +172,6 @@ def _place(tracks, tiles, owner, regions, idx, scores):
         region_start = regions[k][2]
         tracks[k][t.keep_start - region_start: t.keep_end - region_start] = \
             scores[row, t.keep_start - t.start: t.keep_end - t.start]
-
-
-class _TrackModule(L.LightningModule):
-    """predict_step -> (tile indices, per-base scores) for Lightning's sharded prediction."""
-
-    def __init__(self, model, target_class: int, rc_average: bool):
-        super().__init__()
-        self.model, self.target_class, self.rc_average = model, target_class, rc_average
-
-    def predict_step(self, batch, _):
-        idx, ids, mask = batch
-        return torch.as_tensor(idx), per_base_scores(self.model, ids, mask, target_class=self.target_class,
-                                                     rc_average=self.rc_average).float().cpu()
-
-
-class _ShardWriter(BasePredictionWriter):
-    """Each process saves its share of the tiles; the first process merges them."""
-
-    def __init__(self, directory: Path):
-        super().__init__(write_interval="epoch")
-        self.directory = directory
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
-        torch.save(predictions, self.directory / f"rank{trainer.global_rank}.pt")
-
-
-def predict_track_sharded(model, fasta_path, regions, *, window: int, overlap: int, batch_size: int, devices: int,
-                          accelerator: str, shard_dir: Path, target_class: int = 1, rc_average: bool = True,
-                          workers: int = 0):
-    """predict_track over `devices` processes (Lightning DDP: each scores a share of the tiles).
-    Returns the tracks in the first process and None in the others."""
-    tiles, owner = _tiles(regions, window, overlap)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        precision="bf16-mixed" if accelerator == "gpu" else "32-true", logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                        callbacks=[_ShardWriter(shard_dir)])
-    loader = DataLoader(TileDataset(fasta_path, tiles), batch_size=batch_size, collate_fn=_collate,
-                        num_workers=workers)
-    trainer.predict(_TrackModule(model, target_class, rc_average), loader, return_predictions=False)
-    trainer.strategy.barrier()
-    if trainer.global_rank != 0:
-        return None
-    tracks = [np.full(e - s, np.nan, dtype=np.float32) for _, _, s, e in regions]
-    for shard in sorted(shard_dir.glob("rank*.pt")):
-        for idx, scores in torch.load(shard, weights_only=True):
-            _place(tracks, tiles, owner, regions, idx.tolist(), scores.numpy())
-        shard.unlink()
-    shard_dir.rmdir()
-    return tracks
 
 
 def write_bedgraph(path: Path, regions, tracks, *, bin_size: int = 1, digits: int = 4, name: str = "genomamba"):
@@ -307,6 +279,9 @@ def run_predict(args) -> int:
                          f"(0..{model.head_config['num_classes'] - 1})")
     if args.devices > 1:
         accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
+        # Imported here: Lightning takes seconds to import, and one device does not need it.
+        from .predict_sharded import predict_track_sharded
+
         tracks = predict_track_sharded(model.cpu(), args.fasta, regions, window=window, overlap=overlap,
                                        batch_size=args.batch_size, devices=args.devices, accelerator=accelerator,
                                        shard_dir=out.parent / f".{out.name}.shards", target_class=args.target_class,
