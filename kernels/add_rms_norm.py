@@ -28,7 +28,8 @@ def add_rms_norm_ref(x, residual, weight, eps: float, out_dtype=None, residual_d
 
 @triton.jit
 def _fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, rstd_ptr, M, N, eps,
-                s_x, s_res, s_y, s_r, BM: tl.constexpr, BN: tl.constexpr, HAS_RES: tl.constexpr):
+                s_x, s_res, s_y, s_r, BM: tl.constexpr, BN: tl.constexpr, HAS_RES: tl.constexpr,
+                WRITE_R: tl.constexpr):
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     cols = tl.arange(0, BN)
     mask_m = rows < M
@@ -36,9 +37,10 @@ def _fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, rstd_ptr, M, N, eps,
     r = tl.load(x_ptr + rows[:, None] * s_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r += tl.load(res_ptr + rows[:, None] * s_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    r_out = r.to(r_ptr.dtype.element_ty)
-    tl.store(r_ptr + rows[:, None] * s_r + cols[None, :], r_out, mask=mask)
-    r = r_out.to(tl.float32)  # normalise the residual as stored (bf16 residual streams round first)
+    if WRITE_R:
+        r_out = r.to(r_ptr.dtype.element_ty)
+        tl.store(r_ptr + rows[:, None] * s_r + cols[None, :], r_out, mask=mask)
+        r = r_out.to(tl.float32)  # normalise the residual as stored (bf16 residual streams round first)
     rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=1) / N + eps)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     y = r * rstd[:, None] * w[None, :]
@@ -92,26 +94,30 @@ def _block_rows(n: int) -> tuple[int, int, int]:
 
 
 class _AddRMSNorm(torch.autograd.Function):
+    """Returns (y, r), or y alone when there is nothing to add (residual None, x already in the
+    residual dtype): then r would be a copy of x, and x itself is saved for the backward."""
+
     @staticmethod
     def forward(ctx, x, residual, weight, eps, out_dtype, residual_dtype):
         shape = x.shape
         x2 = _rows(x)
         res2 = _rows(residual) if residual is not None else None
         M, N = x2.shape
+        norm_only = residual is None and x.dtype == residual_dtype
         y = torch.empty(M, N, device=x.device, dtype=out_dtype)
-        r = torch.empty(M, N, device=x.device, dtype=residual_dtype)
+        r = x2 if norm_only else torch.empty(M, N, device=x.device, dtype=residual_dtype)
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
         bm, bn, warps = _block_rows(N)
         _fwd_kernel[(triton.cdiv(M, bm),)](
             x2, res2 if res2 is not None else x2, weight, y, r, rstd, M, N, eps,
             x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), r.stride(0),
-            BM=bm, BN=bn, HAS_RES=res2 is not None, num_warps=warps)
+            BM=bm, BN=bn, HAS_RES=res2 is not None, WRITE_R=not norm_only, num_warps=warps)
         ctx.save_for_backward(r, weight, rstd)
         ctx.x_dtype, ctx.res_dtype = x.dtype, (residual.dtype if residual is not None else None)
-        return y.view(shape), r.view(shape)
+        return y.view(shape) if norm_only else (y.view(shape), r.view(shape))
 
     @staticmethod
-    def backward(ctx, dy, dr_out):
+    def backward(ctx, dy, dr_out=None):
         r, weight, rstd = ctx.saved_tensors
         shape = dy.shape
         dy2 = _rows(dy)
@@ -148,4 +154,5 @@ def add_rms_norm(x, residual, weight, eps: float, *, out_dtype=None, residual_dt
         raise ValueError(f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
     if resolve_backend(backend, x) == "torch":
         return add_rms_norm_ref(x, residual, weight, eps, out_dtype, residual_dtype)
-    return _AddRMSNorm.apply(x, residual, weight, float(eps), out_dtype, residual_dtype)
+    out = _AddRMSNorm.apply(x, residual, weight, float(eps), out_dtype, residual_dtype)
+    return out if isinstance(out, tuple) else (out, x)  # nothing added: the residual is x

@@ -166,7 +166,7 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
             Bg.stride(0), Bg.stride(1), Bg.stride(2), seq_stride,
             S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
-            BD=BD, BN=BN, T=T, num_warps=cfg["warps"], **flags)
+            BD=BD, BN=BN, T=T, PER_TILE=False, num_warps=cfg["warps"], **flags)
         Hc = torch.empty_like(S)
         scratch = torch.empty_like(last)
         _pass_states(S, SDT, RST, A_nd, h0, Hc, scratch, seq is not None, False, cfg)
@@ -193,6 +193,34 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
     return out, last, (tiles if save_tile_states else None), cfg
 
 
+def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles: int, BD: int, cfg: dict,
+                       flags: dict) -> torch.Tensor:
+    """The state entering every tile, (batch, tiles, N, dim) float32, as the forward would have
+    saved it: each tile's end state from zero (_chunk_state_kernel per tile), then state passing
+    in place. Costs about a chunk-state pass; the memory lives only during this backward."""
+    batch, dim, L = u.shape
+    nstate = A_nd.shape[0]
+    dev = u.device
+    per = max(cfg["TPP"], triton.cdiv(n_tiles, 65535))  # programs sit on grid axis 2
+    progs = triton.cdiv(n_tiles, per)
+    rows = progs * per  # padded to whole programs, then viewed as n_tiles rows
+    H = torch.empty(batch, rows, nstate, dim, device=dev, dtype=torch.float32)
+    SDT, RST = _decay_buffers(batch, rows, dim, seq is not None, dev)
+    dummy = H
+    K._chunk_state_kernel[(batch, triton.cdiv(dim, BD), progs)](
+        u, delta, A_nd, Bg, db if db is not None else dummy, seq if seq is not None else dummy, H, SDT, RST,
+        L, dim, nstate, per, dim // Bg.shape[1],
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
+        Bg.stride(0), Bg.stride(1), Bg.stride(2), seq.stride(0) if seq is not None else 0,
+        H.stride(0), H.stride(1), H.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
+        BD=BD, BN=cfg["BN"], T=cfg["T"], PER_TILE=True, num_warps=cfg["warps"], **flags)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    last = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
+    H, SDT, RST = H[:, :n_tiles], SDT[:, :n_tiles], RST[:, :n_tiles] if seq is not None else RST
+    _pass_states(H, SDT, RST, A_nd, h0, H, last, seq is not None, False, cfg)
+    return H
+
+
 def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               initial_state, reverse, seq_idx, tiles, cfg, nsplit=None):
     """Backward on Triton from the saved tile-entry states. Returns the input gradients."""
@@ -216,6 +244,9 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     flags = dict(HAS_DB=db is not None, SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq is not None,
                  REVERSE=bool(reverse), FAST=cfg["FAST"])
     zz = z if z is not None else u
+    if tiles.numel() == 0:  # the forward kept no states (recompute_states=True): rebuild them here
+        tiles = _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles, BD, cfg, flags)
+        dummy = tiles
     # Pass 1: each tile's adjoint contribution from a zero right boundary, and its sum of dt.
     S = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32)
     SDT, RST = _decay_buffers(batch, n_tiles, dim, seq is not None, dev)
@@ -330,9 +361,6 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlast, _dtiles):
     u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles = ctx.saved_tensors
-    if tiles.numel() == 0:
-        raise RuntimeError("selective_scan: the forward ran without saving states for a backward "
-                           "(inputs did not require grad when it ran)")
     du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = _scan_bwd_op(
         dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles,
         ctx.softplus, ctx.reverse)
@@ -346,13 +374,16 @@ _scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, initial_state=None, reverse=False, seq_idx=None,
-                   cu_seqlens=None, backend=None):
+                   cu_seqlens=None, backend=None, recompute_states=False):
     """Selective scan (S6), drop-in for `mamba_ssm.selective_scan_fn`, plus:
 
     initial_state (batch, dim, N): state before the first step (differentiable);
     reverse: scan right to left, reading the inputs in place (no flipped copies);
     seq_idx (batch, L) or cu_seqlens (groups+1,) for batch 1: reset the state at boundaries of
-    packed sequences; backend: "triton", "torch" or None (see the module docstring).
+    packed sequences; backend: "triton", "torch" or None (see the module docstring);
+    recompute_states (Triton path): the forward keeps no per-tile states for the backward (float32,
+    N x 4 bytes per channel every 8 steps: 4 GiB for (1, 512, 2^20)); the backward rebuilds them,
+    which costs about one chunk-state pass more. For memory-bound (checkpointed) training.
     Returns out (batch, dim, L) in u's dtype, and with return_last_state the float32 state after
     the last step (the leftmost one when reverse=True).
     """
@@ -369,7 +400,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                       initial_state=initial_state, reverse=reverse, seq_idx=seq_idx)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs) \
+        and not recompute_states
     seq = seq_idx.to(torch.int32) if seq_idx is not None else None
     out, last, _tiles = _scan_fwd_op(u, delta, A.float(), B, C, D, z, delta_bias, initial_state, seq,
                                      bool(delta_softplus), bool(reverse), save)

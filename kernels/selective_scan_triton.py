@@ -236,11 +236,15 @@ def _chunk_state_kernel(
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_seq_b, s_S_b, s_S_c, s_S_n, s_t_b, s_t_c, s_r_b,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, PER_TILE: tl.constexpr,
 ):
     """Forward pass 1: each chunk's end state from a zero start (S), the sum of dt over the chunk
     (SDT) and whether the sequence restarts inside it (RST). The chunk's total decay is
     exp(A * SDT), or 0 after a restart: the passing kernel forms it, so no (N, dim) decay buffer.
+
+    PER_TILE: the same for every tile of the program's CHUNK_TILES (rows of S, SDT and RST are
+    tiles, padded to whole programs): the backward's own tile-entry states when the forward did
+    not keep them.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -270,15 +274,25 @@ def _chunk_state_kernel(
             offs_d, mask_d, offs_n, mask_n, T, False, False, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
         a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
         b = (dt * u)[:, None, :] * Bt[:, :, None]
-        h = _pick(_scan_tnd(a, b, h, T, REVERSE), end, T)
-        sdt += tl.sum(dt, axis=0)
+        if PER_TILE:
+            kt = k0 + i
+            h = _pick(_scan_tnd(a, b, tl.zeros((BN, BD), dtype=tl.float32), T, REVERSE), end, T)
+            # rows are padded to whole programs (no scalar masks: the interpreter rejects them)
+            tl.store(S_ptr + pid_b * s_S_b + kt * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :], h, mask=mnd)
+            tl.store(SDT_ptr + pid_b * s_t_b + kt * s_t_c + offs_d, tl.sum(dt, axis=0), mask=mask_d)
+            if HAS_SEQ:
+                tl.store(RST_ptr + pid_b * s_r_b + kt, tl.sum(reset.to(tl.int32), axis=0))
+        else:
+            h = _pick(_scan_tnd(a, b, h, T, REVERSE), end, T)
+            sdt += tl.sum(dt, axis=0)
+            if HAS_SEQ:
+                n_reset += tl.sum(reset.to(tl.int32), axis=0)
+    if not PER_TILE:
+        off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
+        tl.store(S_ptr + off, h, mask=mnd)
+        tl.store(SDT_ptr + pid_b * s_t_b + pid_c * s_t_c + offs_d, sdt, mask=mask_d)
         if HAS_SEQ:
-            n_reset += tl.sum(reset.to(tl.int32), axis=0)
-    off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
-    tl.store(S_ptr + off, h, mask=mnd)
-    tl.store(SDT_ptr + pid_b * s_t_b + pid_c * s_t_c + offs_d, sdt, mask=mask_d)
-    if HAS_SEQ:
-        tl.store(RST_ptr + pid_b * s_r_b + pid_c, n_reset)
+            tl.store(RST_ptr + pid_b * s_r_b + pid_c, n_reset)
 
 
 @triton.jit

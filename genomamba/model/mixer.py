@@ -33,9 +33,12 @@ class SSMDirection(nn.Module):
     """The per-direction parameters of a Mamba mixer: conv1d, x_proj, dt_proj, A_log, D."""
 
     def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int, dt_min: float, dt_max: float,
-                 dt_init_floor: float):
+                 dt_init_floor: float, recompute_states: bool = False):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
+        # With gradient checkpointing: the scan's backward rebuilds its per-tile states instead of
+        # the forward keeping them (both directions' states would otherwise be live at once).
+        self.recompute_states = recompute_states
         self.conv_weight = nn.Parameter(torch.empty(d_inner, d_conv))
         self.conv_bias = nn.Parameter(torch.empty(d_inner))
         bound = 1 / math.sqrt(d_conv)  # nn.Conv1d's default init for a depthwise conv
@@ -65,7 +68,8 @@ class SSMDirection(nn.Module):
         A = -torch.exp(self.A_log.float())
         return selective_scan(x, dt, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
                               delta_softplus=True, return_last_state=return_last_state,
-                              initial_state=initial_state, reverse=reverse, seq_idx=seq_idx)
+                              initial_state=initial_state, reverse=reverse, seq_idx=seq_idx,
+                              recompute_states=self.recompute_states)
 
     def forward(self, xi, z, *, seq_idx=None, reverse=False):
         """xi, z: (batch, d_inner, L) -> y (batch, d_inner, L)."""
@@ -85,7 +89,8 @@ class BiMambaMixer(nn.Module):
         self.d_inner, self.d_conv = d_inner, cfg.d_conv
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-        args = (d_inner, cfg.d_state, cfg.d_conv, cfg.resolved_dt_rank, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+        args = (d_inner, cfg.d_state, cfg.d_conv, cfg.resolved_dt_rank, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor,
+                cfg.gradient_checkpointing)
         self.fwd = SSMDirection(*args)
         self.rev = SSMDirection(*args) if cfg.bidirectional else None
         self.untied = cfg.bidirectional and not cfg.tie_in_out_proj

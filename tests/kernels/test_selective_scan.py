@@ -1,6 +1,7 @@
 """Triton selective scan (under TRITON_INTERPRET=1) and the CPU fast path vs the float64 reference."""
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -35,13 +36,14 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def compare(inputs, tol, softplus=True, reverse=False, seq_idx=None, backend="triton"):
+def compare(inputs, tol, softplus=True, reverse=False, seq_idx=None, backend="triton", recompute_states=False):
     """Forward, last state and every gradient of `backend` vs autograd through the float64 reference."""
     ours = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
     ref = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inputs.items()}
     args = lambda d: [d[k] for k in NAMES[:8]]  # noqa: E731
     o, last = selective_scan(*args(ours), delta_softplus=softplus, return_last_state=True,
-                             initial_state=ours["initial_state"], reverse=reverse, seq_idx=seq_idx, backend=backend)
+                             initial_state=ours["initial_state"], reverse=reverse, seq_idx=seq_idx, backend=backend,
+                             recompute_states=recompute_states)
     o_ref, last_ref = selective_scan_ref(*args(ref), delta_softplus=softplus, return_last_state=True,
                                          initial_state=ref["initial_state"], reverse=reverse, seq_idx=seq_idx)
     assert o.dtype == inputs["u"].dtype and last.dtype == torch.float32
@@ -187,6 +189,20 @@ def test_triton_many_tiles_in_place_state_passing(reverse):
     ids[:, 70:] = 1
     ids[:, 133:] = 2
     compare(make(batch=1, dim=4, L=L), 1e-5, reverse=reverse, seq_idx=ids)
+
+
+@pytest.mark.parametrize("reverse,packed,h0", [(False, False, True), (True, True, True), (False, True, False)])
+def test_backward_rebuilds_tile_states_when_the_forward_kept_none(reverse, packed, h0, monkeypatch):
+    """recompute_states=True: the forward saves no per-tile states and the backward rebuilds them
+    (per-tile end states, then state passing in place); 25 tiles, so several programs and a partial one."""
+    ss = sys.modules["genomamba_kernels.selective_scan"]  # the package exports a function of the same name
+    calls = []
+    rebuild = ss._tile_entry_states
+    monkeypatch.setattr(ss, "_tile_entry_states", lambda *a, **k: calls.append(1) or rebuild(*a, **k))
+    L = 200
+    ids = packed_seq_idx(1, L) if packed else None
+    compare(make(batch=1, dim=4, L=L, h0=h0), 1e-5, reverse=reverse, seq_idx=ids, recompute_states=True)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
