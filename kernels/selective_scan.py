@@ -162,7 +162,7 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
         SDT, RST = _decay_buffers(batch, n_chunks, dim, seq is not None, dev)
         K._chunk_state_kernel[(batch, n_dblk, n_chunks)](
             u, delta, A_nd, Bg, db if db is not None else dummy, seq if seq is not None else dummy, S, SDT, RST,
-            L, dim, nstate, chunk_tiles, dpg,
+            L, dim, nstate, chunk_tiles, dpg, n_chunks,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
             Bg.stride(0), Bg.stride(1), Bg.stride(2), seq_stride,
             S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
@@ -203,20 +203,22 @@ def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles: int,
     dev = u.device
     per = max(cfg["TPP"], triton.cdiv(n_tiles, 65535))  # programs sit on grid axis 2
     progs = triton.cdiv(n_tiles, per)
-    rows = progs * per  # padded to whole programs, then viewed as n_tiles rows
-    H = torch.empty(batch, rows, nstate, dim, device=dev, dtype=torch.float32)
+    rows = progs * per  # SDT and RST padded to whole programs, then viewed as n_tiles rows
+    # H: exactly n_tiles rows, so its strides equal those of the adjoint buffer (the main
+    # backward kernel reads both with one set of strides).
+    H = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32)
     SDT, RST = _decay_buffers(batch, rows, dim, seq is not None, dev)
     dummy = H
     K._chunk_state_kernel[(batch, triton.cdiv(dim, BD), progs)](
         u, delta, A_nd, Bg, db if db is not None else dummy, seq if seq is not None else dummy, H, SDT, RST,
-        L, dim, nstate, per, dim // Bg.shape[1],
+        L, dim, nstate, per, dim // Bg.shape[1], n_tiles,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), seq.stride(0) if seq is not None else 0,
         H.stride(0), H.stride(1), H.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
         BD=BD, BN=cfg["BN"], T=cfg["T"], PER_TILE=True, num_warps=cfg["warps"], **flags)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     last = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
-    H, SDT, RST = H[:, :n_tiles], SDT[:, :n_tiles], RST[:, :n_tiles] if seq is not None else RST
+    SDT, RST = SDT[:, :n_tiles], RST[:, :n_tiles] if seq is not None else RST
     _pass_states(H, SDT, RST, A_nd, h0, H, last, seq is not None, False, cfg)
     return H
 

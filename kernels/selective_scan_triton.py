@@ -232,7 +232,7 @@ def _scan_tnd(a, b, h, T: tl.constexpr, REVERSE: tl.constexpr):
 @triton.jit
 def _chunk_state_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, db_ptr, seq_ptr, S_ptr, SDT_ptr, RST_ptr,
-    L, DIM, NSTATE, CHUNK_TILES, DIM_PER_GROUP,
+    L, DIM, NSTATE, CHUNK_TILES, DIM_PER_GROUP, N_ROWS,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_seq_b, s_S_b, s_S_c, s_S_n, s_t_b, s_t_c, s_r_b,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
@@ -243,8 +243,8 @@ def _chunk_state_kernel(
     exp(A * SDT), or 0 after a restart: the passing kernel forms it, so no (N, dim) decay buffer.
 
     PER_TILE: the same for every tile of the program's CHUNK_TILES (rows of S, SDT and RST are
-    tiles, padded to whole programs): the backward's own tile-entry states when the forward did
-    not keep them.
+    tiles; S has N_ROWS of them, SDT and RST are padded to whole programs): the backward's own
+    tile-entry states when the forward did not keep them.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -277,8 +277,10 @@ def _chunk_state_kernel(
         if PER_TILE:
             kt = k0 + i
             h = _pick(_scan_tnd(a, b, tl.zeros((BN, BD), dtype=tl.float32), T, REVERSE), end, T)
-            # rows are padded to whole programs (no scalar masks: the interpreter rejects them)
-            tl.store(S_ptr + pid_b * s_S_b + kt * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :], h, mask=mnd)
+            # S has one row per tile; SDT and RST are padded to whole programs (the interpreter
+            # takes no scalar mask, nor a tensor mask combined with a scalar test)
+            tl.store(S_ptr + pid_b * s_S_b + kt * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :], h,
+                     mask=mnd & ((kt + offs_d[None, :] * 0) < N_ROWS))  # a tensor test: see above
             tl.store(SDT_ptr + pid_b * s_t_b + kt * s_t_c + offs_d, tl.sum(dt, axis=0), mask=mask_d)
             if HAS_SEQ:
                 tl.store(RST_ptr + pid_b * s_r_b + kt, tl.sum(reset.to(tl.int32), axis=0))
