@@ -59,11 +59,11 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # the backward's main kernel splits N over 4 lanes instead: BD_BWD = 8 channels per warp).
     cfg = dict(T=8, BD=64, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=2, warps_bwd=1, warps_pass=1,
                maxnreg_bwd=0, TPP=16, PREFETCH_BWD=1, FAST=True)
-    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,PREFETCH_BWD]]]" (maxnreg 0 = the
-    # compiler's choice).
+    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,PREFETCH_BWD[,BC[,BD_PASS]]]]]"
+    # (maxnreg 0 = the compiler's choice).
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
-        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "PREFETCH_BWD")
+        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "PREFETCH_BWD", "BC", "BD_PASS")
         cfg.update({k: int(v) for k, v in zip(keys, override.split(","))})
     return cfg
 
