@@ -347,17 +347,12 @@ def _state_passing_kernel(
     base = pid_b * s_b + n * s_n + offs_d[None, :]
     base_t = pid_b * s_t_b + offs_d[None, :]
     base_r = pid_b * s_r_b
-    # Two blocks are in flight ahead of the one being combined: at batch 1 there are only
-    # D x N / BD programs (256 warps for D = 512), so each must keep several loads outstanding.
     j_n, c_n, mm_n, s_n_, p_n = _pass_block(S_ptr, SDT_ptr, RST_ptr, base, base_t, base_r, s_c, s_t_c, A2, mask_d,
                                             0, NCHUNK, BC, HAS_SEQ, REVERSE)
-    j_m, c_m, mm_m, s_m, p_m = _pass_block(S_ptr, SDT_ptr, RST_ptr, base, base_t, base_r, s_c, s_t_c, A2, mask_d,
-                                           BC, NCHUNK, BC, HAS_SEQ, REVERSE)
     for c0 in range(0, NCHUNK, BC):
         j, c, mm, s, p = j_n, c_n, mm_n, s_n_, p_n
-        j_n, c_n, mm_n, s_n_, p_n = j_m, c_m, mm_m, s_m, p_m
-        j_m, c_m, mm_m, s_m, p_m = _pass_block(S_ptr, SDT_ptr, RST_ptr, base, base_t, base_r, s_c, s_t_c, A2,
-                                               mask_d, c0 + 2 * BC, NCHUNK, BC, HAS_SEQ, REVERSE)
+        j_n, c_n, mm_n, s_n_, p_n = _pass_block(S_ptr, SDT_ptr, RST_ptr, base, base_t, base_r, s_c, s_t_c, A2,
+                                                mask_d, c0 + BC, NCHUNK, BC, HAS_SEQ, REVERSE)
         if REVERSE:
             c_next = c - 1
         else:
