@@ -29,6 +29,10 @@ class BiMambaConfig:
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     gradient_checkpointing: bool = False
+    # Scan backward rebuilds its per-tile states instead of the forward keeping them (float32,
+    # 4 GiB per direction and layer at d_model 256 x 1 Mb): less memory, a slower backward.
+    # None = on exactly when gradient_checkpointing is (measured in BENCHMARKS.md).
+    recompute_scan_states: bool | None = None
     tie_lm_head: bool = True
     dt_min: float = 0.001
     dt_max: float = 0.1

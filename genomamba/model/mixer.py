@@ -90,7 +90,7 @@ class BiMambaMixer(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         args = (d_inner, cfg.d_state, cfg.d_conv, cfg.resolved_dt_rank, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor,
-                cfg.gradient_checkpointing)
+                cfg.gradient_checkpointing if cfg.recompute_scan_states is None else cfg.recompute_scan_states)
         self.fwd = SSMDirection(*args)
         self.rev = SSMDirection(*args) if cfg.bidirectional else None
         self.untied = cfg.bidirectional and not cfg.tie_in_out_proj

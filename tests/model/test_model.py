@@ -121,6 +121,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6), k
 
 
+def test_scan_state_recompute_follows_checkpointing_unless_set():
+    def flags(**kw):
+        m = BiMambaModel(tiny(**kw))
+        return {d.recompute_states for layer in m.layers for d in (layer.mixer.mixer.fwd, layer.mixer.mixer.rev)}
+    assert flags() == {False}
+    assert flags(gradient_checkpointing=True) == {True}
+    assert flags(gradient_checkpointing=True, recompute_scan_states=False) == {False}
+    assert flags(recompute_scan_states=True) == {True}
+
+
 @pytest.mark.parametrize("rc", [False, True])
 def test_chunked_inference_equals_one_shot(rc):
     m = BiMambaForMaskedLM(tiny(rc_equivariant=rc)).eval()
