@@ -27,6 +27,7 @@ class _TrackModule(L.LightningModule):
 
     def predict_step(self, batch, _):
         idx, ids, mask = batch
+        mask = None if bool(mask.all()) else mask  # as predict_track: no padding, no segment ids
         return torch.as_tensor(idx), per_base_scores(self.model, ids, mask, target_class=self.target_class,
                                                      rc_average=self.rc_average).float().cpu()
 
