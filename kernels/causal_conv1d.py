@@ -152,9 +152,9 @@ def _launch_args(x, weight, bias, seq_idx):
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("genomamba::causal_conv1d_fwd", mutates_args=())
-def _conv_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
-                 reverse: bool) -> Tensor:
+def _conv_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
+              reverse: bool) -> Tensor:
+    """The forward launch (the custom op below wraps it; inference calls it directly)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
     out = torch.empty_like(x)
@@ -164,6 +164,12 @@ def _conv_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor
         WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu,
         REVERSE=reverse, HAS_SEQ=seq is not None, num_warps=warps)
     return out
+
+
+@torch.library.custom_op("genomamba::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
+                 reverse: bool) -> Tensor:
+    return _conv_fwd(x, weight, bias, seq_idx, silu, reverse)
 
 
 @_conv_fwd_op.register_fake
@@ -230,4 +236,7 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, activation=None, *, revers
     if resolve_backend(backend, x) == "torch":
         return causal_conv1d_ref(x, weight, bias, activation, seq_idx, reverse)
     seq = seq_idx.to(torch.int32) if seq_idx is not None else None
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not needs_grad and not torch.compiler.is_compiling():  # inference: no custom-op dispatch (see selective_scan)
+        return _conv_fwd(x, weight, bias, seq, activation is not None, bool(reverse))
     return _conv_fwd_op(x, weight, bias, seq, activation is not None, bool(reverse))

@@ -402,9 +402,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                       initial_state=initial_state, reverse=reverse, seq_idx=seq_idx)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs) \
-        and not recompute_states
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    save = needs_grad and not recompute_states
     seq = seq_idx.to(torch.int32) if seq_idx is not None else None
+    if not needs_grad and not torch.compiler.is_compiling():
+        # Inference: launch the kernels directly. The custom op's first call imports much of
+        # torch._dynamo (seconds per process) and every call pays the dispatcher.
+        out, last, _, _ = selective_scan_triton_fwd(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus,
+                                                    initial_state, reverse, seq)
+        return (out, last) if return_last_state else out
     out, last, _tiles = _scan_fwd_op(u, delta, A.float(), B, C, D, z, delta_bias, initial_state, seq,
                                      bool(delta_softplus), bool(reverse), save)
     return (out, last) if return_last_state else out
