@@ -92,6 +92,9 @@ def _default_device(args):
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda:"):
+        # Triton launches (and CUDA-graph capture) use the current device, not the tensors' one.
+        torch.cuda.set_device(torch.device(args.device))
     return args
 
 
