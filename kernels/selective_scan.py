@@ -53,17 +53,17 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
         return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
-                    PREFETCH_BWD=1, FAST=False)
+                    FAST=False)
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
     # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements;
     # the backward's main kernel splits N over 4 lanes instead: BD_BWD = 8 channels per warp).
     cfg = dict(T=8, BD=64, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=2, warps_bwd=1, warps_pass=1,
-               maxnreg_bwd=0, TPP=16, PREFETCH_BWD=1, FAST=True)
-    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,PREFETCH_BWD[,BC[,BD_PASS]]]]]"
-    # (maxnreg 0 = the compiler's choice).
+               maxnreg_bwd=0, TPP=16, FAST=True)
+    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS]]]]" (maxnreg 0 = the
+    # compiler's choice).
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
-        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "PREFETCH_BWD", "BC", "BD_PASS")
+        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "BC", "BD_PASS")
         cfg.update({k: int(v) for k, v in zip(keys, override.split(","))})
     return cfg
 
@@ -302,7 +302,6 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
         dA_part.stride(0), dim,
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
-        PREFETCH=bool(cfg.get("PREFETCH_BWD", 1)),
         num_warps=cfg["warps_bwd"], **flags, **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     dA = dA_part.sum(0).t()
     dD = dD_part.sum(0) if dD_part is not None else None

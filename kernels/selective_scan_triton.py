@@ -548,7 +548,6 @@ def _bwd_kernel(
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, ATOMIC_BC: tl.constexpr, FAST: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """Backward pass 3: all gradients of one time tile, looping over the channels of a split.
 
@@ -574,26 +573,18 @@ def _bwd_kernel(
     dC_acc = tl.zeros((T, BN, BD), dtype=tl.float32)
     is_last = (tl.arange(0, T) == _end_index(T, REVERSE))[:, None, None]
     part = (pid_b * tl.num_programs(0) + k)                     # row of the partial-sum buffers
-    if PREFETCH:
+    o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n = _bwd_inputs(
+        u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
+        pid_b, k, d_start, d_end, offs_n, mask_n, p, mask_t, DIM,
+        s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
+        BD, HAS_Z, HAS_DB)
+    for d0 in range(d_start, d_end, BD):
+        offs_d, mask_d, At, u, raw, dout, zz, h0, r0 = o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n
         o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n = _bwd_inputs(
             u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
-            pid_b, k, d_start, d_end, offs_n, mask_n, p, mask_t, DIM,
+            pid_b, k, d0 + BD, d_end, offs_n, mask_n, p, mask_t, DIM,
             s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
             BD, HAS_Z, HAS_DB)
-    for d0 in range(d_start, d_end, BD):
-        if PREFETCH:  # the next block's inputs load while this one computes (more registers)
-            offs_d, mask_d, At, u, raw, dout, zz, h0, r0 = o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n
-            o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n = _bwd_inputs(
-                u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
-                pid_b, k, d0 + BD, d_end, offs_n, mask_n, p, mask_t, DIM,
-                s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
-                BD, HAS_Z, HAS_DB)
-        else:
-            offs_d, mask_d, At, u, raw, dout, zz, h0, r0 = _bwd_inputs(
-                u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
-                pid_b, k, d0, d_end, offs_n, mask_n, p, mask_t, DIM,
-                s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
-                BD, HAS_Z, HAS_DB)
         mnd = mask_n[:, None] & mask_d[None, :]
         m2 = mask_t[:, None] & mask_d[None, :]
         if SOFTPLUS:
