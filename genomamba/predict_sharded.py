@@ -26,8 +26,7 @@ class _TrackModule(L.LightningModule):
         self.model, self.target_class, self.rc_average = model, target_class, rc_average
 
     def predict_step(self, batch, _):
-        idx, ids, mask = batch
-        mask = None if bool(mask.all()) else mask  # as predict_track: no padding, no segment ids
+        idx, ids, mask = batch  # mask None: no padding (see _collate)
         return torch.as_tensor(idx), per_base_scores(self.model, ids, mask, target_class=self.target_class,
                                                      rc_average=self.rc_average).float().cpu()
 
