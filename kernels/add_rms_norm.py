@@ -113,12 +113,16 @@ class _AddRMSNorm(torch.autograd.Function):
             x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), r.stride(0),
             BM=bm, BN=bn, HAS_RES=res2 is not None, WRITE_R=not norm_only, num_warps=warps)
         ctx.save_for_backward(r, weight, rstd)
+        ctx.set_materialize_grads(False)  # an unused residual output (the final norm's) gets no zero gradient
         ctx.x_dtype, ctx.res_dtype = x.dtype, (residual.dtype if residual is not None else None)
         return y.view(shape) if norm_only else (y.view(shape), r.view(shape))
 
     @staticmethod
     def backward(ctx, dy, dr_out=None):
         r, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only the residual output was used
+            return dr_out.to(ctx.x_dtype), (dr_out.to(ctx.res_dtype) if ctx.res_dtype is not None else None), \
+                None, None, None, None
         shape = dy.shape
         dy2 = _rows(dy)
         dro = _rows(dr_out) if dr_out is not None else None

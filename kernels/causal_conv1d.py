@@ -71,55 +71,83 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, L, DIM, W,
 
 
 @triton.jit
-def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, g_ptr, L, DIM, W,
-                      s_x_b, s_x_d, s_do_b, s_do_d, s_g_b, s_g_d, s_seq_b,
-                      WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Backward pass 1 (SiLU only): g = dout * silu'(pre), the gradient at the pre-activation,
-    written once (float32) so that pass 2 reads it at W shifts instead of recomputing the conv."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
-    t = (tl.program_id(2) * BT + tl.arange(0, BT)).to(tl.int64)
-    mask_d = offs_d < DIM
-    m = mask_d[:, None] & (t < L)[None, :]
-    row = pid_b * s_x_b + offs_d[:, None] * s_x_d
-    pre = _conv_pre(x_ptr, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, L, W,
-                    WP, BD, BT, HAS_BIAS, REVERSE, HAS_SEQ)
-    g = tl.load(dout_ptr + pid_b * s_do_b + offs_d[:, None] * s_do_d + t[None, :], mask=m, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(pre)
-    g = g * sig * (1.0 + pre * (1.0 - sig))
-    tl.store(g_ptr + pid_b * s_g_b + offs_d[:, None] * s_g_d + t[None, :], g, mask=m)
+def _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, j: tl.constexpr, L, W,
+           REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Tap at shift j of outputs t and its weight w[:, W-1-j]; both 0 when j >= W."""
+    m = mask_d & ((offs_d * 0 + j) < W)  # a tensor test: the interpreter takes no scalar one in a mask
+    x = _tap(x_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, m, t, seq_t, j, L, REVERSE, HAS_SEQ)
+    return x, tl.load(w_ptr + offs_d * W + (W - 1 - j), mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, seq_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, L, DIM, W,
-                     s_x_b, s_x_d, s_g_b, s_g_d, s_dx_b, s_dx_d, s_seq_b,
-                     WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Backward pass 2, from g (the pre-activation gradient): dx by the mirrored conv of g;
-    dw, dbias reduced per tile and added atomically."""
+def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, g_ptr, dw_ptr, db_ptr, L, DIM, W, TILES_PER_PROG,
+                      s_x_b, s_x_d, s_do_b, s_do_d, s_g_b, s_g_d, s_seq_b,
+                      BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                      REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Backward pass 1: g = dL/d(pre-activation) (dout * silu'(pre), written in float32 when SILU so
+    that pass 2 reads it at W shifts instead of recomputing the conv), and dw, dbias from the same
+    taps. The program walks TILES_PER_PROG time tiles, so dw and dbias are summed in registers and
+    added atomically once per program. Widths up to 4 (the taps are kept in four registers tiles:
+    each shifted load is unaligned, so loading a tap twice costs as much as the arithmetic)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
+    mask_d = offs_d < DIM
+    row = pid_b * s_x_b + offs_d[:, None] * s_x_d
+    cols = tl.arange(0, 4)
+    dw = tl.zeros((BD, 4), dtype=tl.float32)
+    db = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    k_first = tl.program_id(2).to(tl.int64) * TILES_PER_PROG
+    for i in range(0, TILES_PER_PROG):
+        t = (k_first + i) * BT + tl.arange(0, BT).to(tl.int64)
+        in_t = t < L
+        m = mask_d[:, None] & in_t[None, :]
+        if HAS_SEQ:
+            seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
+        else:
+            seq_t = t
+        x0, w0 = _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, 0, L, W, REVERSE, HAS_SEQ)
+        x1, w1 = _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, 1, L, W, REVERSE, HAS_SEQ)
+        x2, w2 = _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, 2, L, W, REVERSE, HAS_SEQ)
+        x3, w3 = _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, 3, L, W, REVERSE, HAS_SEQ)
+        g = tl.load(dout_ptr + pid_b * s_do_b + offs_d[:, None] * s_do_d + t[None, :], mask=m, other=0.0).to(tl.float32)
+        if SILU:
+            pre = w0[:, None] * x0 + w1[:, None] * x1 + w2[:, None] * x2 + w3[:, None] * x3
+            if HAS_BIAS:
+                pre += bias[:, None]
+            sig = tl.sigmoid(pre)
+            g = g * sig * (1.0 + pre * (1.0 - sig))
+            tl.store(g_ptr + pid_b * s_g_b + offs_d[:, None] * s_g_d + t[None, :], g, mask=m)
+        db += tl.sum(g, axis=1)
+        # column W-1-j of dw takes the tap at shift j
+        dw += tl.where((cols == W - 1)[None, :], tl.sum(g * x0, axis=1)[:, None], 0.0)
+        dw += tl.where((cols == W - 2)[None, :], tl.sum(g * x1, axis=1)[:, None], 0.0)
+        dw += tl.where((cols == W - 3)[None, :], tl.sum(g * x2, axis=1)[:, None], 0.0)
+        dw += tl.where((cols == W - 4)[None, :], tl.sum(g * x3, axis=1)[:, None], 0.0)
+    tl.atomic_add(dw_ptr + offs_d[:, None] * W + cols[None, :], dw, mask=mask_d[:, None] & (cols < W)[None, :])
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + offs_d, db, mask=mask_d)
+
+
+@triton.jit
+def _conv_dx_kernel(w_ptr, seq_ptr, g_ptr, dx_ptr, L, DIM, W, s_g_b, s_g_d, s_dx_b, s_dx_d, s_seq_b,
+                    WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Backward pass 2: dx(t) = sum_k w_k g(t +/- j), j = W-1-k, over the outputs whose tap k read
+    x(t) from the same sequence (the mirrored conv of g)."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
     t = (tl.program_id(2) * BT + tl.arange(0, BT)).to(tl.int64)
     mask_d = offs_d < DIM
     in_t = t < L
-    row = pid_b * s_x_b + offs_d[:, None] * s_x_d
     grow = pid_b * s_g_b + offs_d[:, None] * s_g_d
     if HAS_SEQ:
         seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
-    else:
-        seq_t = t
-    g0 = tl.load(g_ptr + grow + t[None, :], mask=mask_d[:, None] & in_t[None, :], other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        tl.atomic_add(db_ptr + offs_d, tl.sum(g0, axis=1), mask=mask_d)
     dx = tl.zeros((BD, BT), dtype=tl.float32)
     for k in tl.static_range(WP):
         if k < W:
             j = W - 1 - k
-            # dw[d, k] = sum_t g(t) x(t -/+ j)
-            xk = _tap(x_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, j, L, REVERSE, HAS_SEQ)
-            tl.atomic_add(dw_ptr + offs_d * W + k, tl.sum(g0 * xk, axis=1), mask=mask_d)
-            # dx(t) = sum_k w_k g(t +/- j), where tap t +/- j read x(t) from the same sequence.
             if REVERSE:
                 tt = t - j
             else:
@@ -137,6 +165,15 @@ def _conv_bwd_kernel(x_ptr, w_ptr, seq_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, L, DI
 
 def _blocks(x):
     return (4, 16, 1) if x.device.type != "cuda" else (16, 128, 4)
+
+
+def _grad_tiles_per_program(x, n_rows, n_tiles):
+    """Time tiles walked by one program of backward pass 1: enough programs to fill the GPU (~8 per
+    SM) and as few atomic additions of dw / dbias as that allows. 2 on the CPU (tests cover the loop)."""
+    if x.device.type != "cuda":
+        return 2
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return max(1, min(16, n_tiles * n_rows // (8 * sms)))
 
 
 def _launch_args(x, weight, bias, seq_idx):
@@ -186,19 +223,17 @@ def _conv_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, s
     dx = torch.empty_like(x)
     dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else dw.new_empty(0)
-    flags = dict(WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, REVERSE=reverse,
-                 HAS_SEQ=seq is not None, num_warps=warps)
-    seq_stride = seq.stride(0) if seq is not None else 0
-    if silu:
-        g = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        _conv_grad_kernel[grid](
-            x, w, bias if bias is not None else w, seq if seq is not None else w, dout, g, L, dim, W,
-            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), seq_stride, **flags)
-    else:
-        g = dout
-    _conv_bwd_kernel[grid](
-        x, w, seq if seq is not None else w, g, dx, dw, db if bias is not None else dw, L, dim, W,
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1), dx.stride(0), dx.stride(1), seq_stride, **flags)
+    g = torch.empty(x.shape, device=x.device, dtype=torch.float32) if silu else dout
+    seq_arg, seq_stride = (seq, seq.stride(0)) if seq is not None else (w, 0)
+    per = _grad_tiles_per_program(x, batch * grid[1], grid[2])
+    _conv_grad_kernel[(batch, grid[1], triton.cdiv(grid[2], per))](
+        x, w, bias if bias is not None else w, seq_arg, dout, g, dw, db if bias is not None else dw, L, dim, W, per,
+        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), seq_stride,
+        BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, HAS_SEQ=seq is not None,
+        num_warps=warps)
+    _conv_dx_kernel[grid](
+        w, seq_arg, g, dx, L, dim, W, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1), seq_stride,
+        WP=triton.next_power_of_2(W), BD=BD, BT=BT, REVERSE=reverse, HAS_SEQ=seq is not None, num_warps=warps)
     return [dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db]
 
 
@@ -233,6 +268,8 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, activation=None, *, revers
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"weight must be (dim={x.shape[1]}, width), got {tuple(weight.shape)}")
+    if not 1 <= weight.shape[1] <= 4:
+        raise ValueError(f"conv width must be 1 to 4 (as in causal-conv1d), got {weight.shape[1]}")
     if resolve_backend(backend, x) == "torch":
         return causal_conv1d_ref(x, weight, bias, activation, seq_idx, reverse)
     seq = seq_idx.to(torch.int32) if seq_idx is not None else None

@@ -57,13 +57,14 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
     # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements;
     # the backward's main kernel splits N over 4 lanes instead: BD_BWD = 8 channels per warp).
-    cfg = dict(T=8, BD=64, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=2, warps_bwd=1, warps_pass=1,
+    # warps_pass = 0: chosen per launch by _passing_warps.
+    cfg = dict(T=8, BD=64, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=2, warps_bwd=1, warps_pass=0,
                maxnreg_bwd=0, TPP=16, FAST=True)
-    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS]]]]" (maxnreg 0 = the
+    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS[,warps_pass]]]]]" (maxnreg 0 = the
     # compiler's choice).
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
-        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "BC", "BD_PASS")
+        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "BC", "BD_PASS", "warps_pass")
         cfg.update({k: int(v) for k, v in zip(keys, override.split(","))})
     return cfg
 
@@ -94,17 +95,30 @@ def _decay_buffers(batch: int, n: int, dim: int, has_seq: bool, device) -> tuple
     return sdt, rst
 
 
+def _passing_warps(programs: int, device: torch.device, cfg: dict) -> tuple[int, int]:
+    """Warps and chunks per block of the state passing. Its one-warp programs are latency-bound
+    when there are fewer than ~4 per SM (D x N / 32 = 256 at D = 512, batch 1): then 4 warps walk
+    4 x BC chunks per block, 4 x the loads in flight. H100, fwd+bwd (1, 512, 2^20): 44.0 -> 41.7 ms;
+    (1, 1536, 131072) with 768 programs: 15.47 -> 15.72 ms, so not there."""
+    if cfg["warps_pass"]:
+        return cfg["warps_pass"], cfg["BC"]
+    if device.type == "cuda" and programs < 4 * torch.cuda.get_device_properties(device).multi_processor_count:
+        return 4, 4 * cfg["BC"]
+    return 1, cfg["BC"]
+
+
 def _pass_states(S, SDT, RST, A_nd, h0, H_in, H_last, has_seq: bool, reverse: bool, cfg: dict) -> None:
     """State passing over chunks (forward) or tiles (adjoint, reverse=True): fills H_in, the state
     entering each, and H_last, the final state, from S (batch, n, N, dim) and the decay sums.
     h0 (the state before the first one, or None) has H_last's layout: contiguous (batch, dim, N)."""
     batch, n, nstate, dim = S.shape
-    K._state_passing_kernel[(batch, triton.cdiv(dim, cfg["BD_PASS"]), nstate)](
+    grid = (batch, triton.cdiv(dim, cfg["BD_PASS"]), nstate)
+    warps, bc = _passing_warps(grid[0] * grid[1] * grid[2], S.device, cfg)
+    K._state_passing_kernel[grid](
         S, SDT, RST, A_nd, h0 if h0 is not None else H_last, H_in, H_last,
         n, dim, S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
         H_last.stride(0), H_last.stride(1),
-        BC=cfg["BC"], BD=cfg["BD_PASS"], HAS_H0=h0 is not None, HAS_SEQ=has_seq, REVERSE=reverse,
-        num_warps=cfg["warps_pass"])
+        BC=bc, BD=cfg["BD_PASS"], HAS_H0=h0 is not None, HAS_SEQ=has_seq, REVERSE=reverse, num_warps=warps)
 
 
 def _as_groups(X: torch.Tensor) -> torch.Tensor:
@@ -359,10 +373,15 @@ def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse, _save = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, output[2])
     ctx.softplus, ctx.reverse = softplus, reverse
+    # Outputs nobody used (the tile states always, the last state mostly) get None, not a zero
+    # gradient: autograd would fill one the size of the tile states (4 GiB at (1, 512, 2^20)).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlast, _dtiles):
     u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles = ctx.saved_tensors
+    if dout is None:  # only the last state was used
+        dout = torch.zeros_like(u)
     du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = _scan_bwd_op(
         dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles,
         ctx.softplus, ctx.reverse)

@@ -100,7 +100,9 @@ class BiMambaMixer(nn.Module):
 
     def _split(self, proj, x):
         xz = project_channels_first(proj.weight, x.transpose(1, 2))                 # (batch, 2*d_inner, L)
-        return xz[:, : self.d_inner], xz[:, self.d_inner:]
+        # torch.split, not two slices: its backward concatenates the two gradients in one pass, where
+        # each slice's backward fills a full-size zero tensor, copies into it, and the two are added.
+        return torch.split(xz, self.d_inner, dim=1)
 
     def forward(self, x, seq_idx=None):
         xi, z = self._split(self.in_proj, x)

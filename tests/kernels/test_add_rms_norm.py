@@ -51,3 +51,14 @@ def test_add_rms_norm_dispatch_and_errors():
         add_rms_norm(x, None, torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="differ in shape"):
         add_rms_norm(x, torch.randn(4, 8), w, 1e-6)
+
+
+def test_add_rms_norm_gradient_through_the_residual_output_alone():
+    """Only the summed residual is used (no gradient reaches the normed output): x and residual
+    get that gradient, the weight none."""
+    x, res, w = torch.randn(5, 16, requires_grad=True), torch.randn(5, 16, requires_grad=True), torch.ones(16)
+    w.requires_grad_()
+    y, r = add_rms_norm(x, res, w, 1e-6, residual_dtype=torch.float32, backend="triton")
+    g = torch.randn(5, 16)
+    (r * g).sum().backward()
+    assert torch.equal(x.grad, g) and torch.equal(res.grad, g) and w.grad is None

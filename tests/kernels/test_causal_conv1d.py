@@ -40,6 +40,49 @@ def test_conv_matches_reference(reverse, packed, act, width, bias):
             assert rel(p.grad, q.grad) < 1e-5
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_conv_backward_over_many_programs(reverse):
+    """L = 83 is 6 time tiles of 16 (the CPU block), 2 per backward program: 3 programs, the last
+    one half past the end; sequence boundaries fall inside and across tiles."""
+    batch, dim, L = 2, 5, 83
+    x, w, b = torch.randn(batch, dim, L), torch.randn(dim, 4), torch.randn(dim)
+    seq = torch.zeros(batch, L, dtype=torch.int32)
+    seq[0, 15:] = 1
+    seq[0, 33:] = 2
+    seq[1, 47:] = 1
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    o = causal_conv1d(*ours, seq_idx=seq, activation="silu", reverse=reverse, backend="triton")
+    o_ref = causal_conv1d_ref(*ref, activation="silu", seq_idx=seq, reverse=reverse, dtype=torch.float64)
+    g = torch.randn_like(o_ref)
+    (o.double() * g).sum().backward()
+    (o_ref * g).sum().backward()
+    for p, q in zip(ours, ref):
+        assert rel(p.grad, q.grad) < 1e-5
+
+
+@pytest.mark.parametrize("reverse,act,width", [(False, "silu", 4), (True, "silu", 4), (False, None, 3), (True, None, 2)])
+def test_conv_backward_over_many_programs(reverse, act, width):
+    """L = 83 is 6 time tiles of 16 (the CPU block), 2 per program of backward pass 1: 3 programs,
+    the last one half past the end; sequence boundaries fall inside and across tiles."""
+    batch, dim, L = 2, 5, 83
+    x, w, b = torch.randn(batch, dim, L), torch.randn(dim, width), torch.randn(dim)
+    seq = torch.zeros(batch, L, dtype=torch.int32)
+    seq[0, 15:] = 1
+    seq[0, 33:] = 2
+    seq[1, 47:] = 1
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    o = causal_conv1d(*ours, seq_idx=seq, activation=act, reverse=reverse, backend="triton")
+    o_ref = causal_conv1d_ref(*ref, activation=act, seq_idx=seq, reverse=reverse, dtype=torch.float64)
+    g = torch.randn_like(o_ref)
+    (o.double() * g).sum().backward()
+    (o_ref * g).sum().backward()
+    assert rel(o, o_ref) < 1e-5
+    for p, q in zip(ours, ref):
+        assert rel(p.grad, q.grad) < 1e-5
+
+
 def test_conv_is_causal_and_reverse_is_mirror():
     x = torch.randn(1, 3, 20)
     w = torch.randn(3, 4)
@@ -57,6 +100,8 @@ def test_conv_bad_arguments():
         causal_conv1d(torch.zeros(1, 2, 5), torch.zeros(2, 4), activation="relu")
     with pytest.raises(ValueError, match="weight must be"):
         causal_conv1d(torch.zeros(1, 2, 5), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="width must be 1 to 4"):
+        causal_conv1d(torch.zeros(1, 2, 5), torch.zeros(2, 5))
 
 
 def test_both_ops_compile_without_graph_breaks():

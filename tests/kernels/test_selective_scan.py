@@ -250,3 +250,21 @@ def test_inference_launches_kernels_without_the_custom_op(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "dynamo False" in out.stdout and "same True" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("use", ["out", "last"])
+def test_gradient_through_one_output_alone(use):
+    """Autograd hands the backward None for an output nobody used (no zero gradient is filled):
+    the output alone, or the last state alone, still gives the reference's gradients."""
+    t = make(batch=2, dim=4, L=21)
+    leaves = {k: v.clone().requires_grad_() if v is not None else None for k, v in t.items()}
+    ref = {k: v.double().requires_grad_() if v is not None else None for k, v in t.items()}
+    for d, fn, kw in ((leaves, selective_scan, dict(backend="triton")), (ref, selective_scan_ref, {})):
+        o, last = fn(*[d[k] for k in NAMES[:8]], delta_softplus=True, return_last_state=True,
+                     initial_state=d["initial_state"], **kw)
+        (o if use == "out" else last).double().square().sum().backward()
+    for k in NAMES:
+        if ref[k] is not None and ref[k].grad is None:  # z and D do not reach the last state
+            assert leaves[k].grad is None or not leaves[k].grad.any(), k
+        elif leaves[k] is not None:
+            assert rel(leaves[k].grad, ref[k].grad) < 1e-5, k
