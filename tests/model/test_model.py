@@ -218,6 +218,19 @@ def test_variant_head():
     assert out.shape == (3, 2)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_in_projection_gradients_and_layout(batch):
+    """The in_proj's own backward: float64 gradcheck, and dx comes back in x's (batch, L, d) layout,
+    contiguous (autograd through a transposed view would hand back a transposed gradient)."""
+    from genomamba.model.mixer import _InProjection
+
+    x = torch.randn(batch, 30, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_InProjection.apply, (x, w))
+    _InProjection.apply(x, w).sum().backward()
+    assert x.grad.shape == x.shape and x.grad.is_contiguous()
+
+
 def test_triton_kernels_inside_the_model_match_torch(monkeypatch):
     """The model code does not change with the backend: Triton (interpreter) equals PyTorch."""
     m = BiMambaForMaskedLM(BiMambaConfig(d_model=8, n_layer=1, d_state=4)).eval()
