@@ -30,7 +30,8 @@ def embed_table(backbone, path, *, max_rows=None, batch_size=256, device="cpu"):
     ds = LabelledSequenceDataset(path, max_rows=max_rows)
     feats = []
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"]
+        mask = mask.to(device) if mask is not None else None
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
             feats.append(backbone.embed(ids, mask, pool="mean").float().cpu())
     return torch.cat(feats).numpy(), np.array(ds.labels)

@@ -132,9 +132,10 @@ def _last_contig(x):
 
 def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                               initial_state=None, reverse=False, seq_idx=None, save_tile_states=False,
-                              chunk_tiles=None):
-    """Forward on Triton. Returns (out, last_state, tile_states or None, config)."""
-    u, delta, z = _last_contig(u), _last_contig(delta), _last_contig(z)
+                              chunk_tiles=None, out_add=None):
+    """Forward on Triton. Returns (out, last_state, tile_states or None, config); out_add (like u)
+    is added to out inside the output pass."""
+    u, delta, z, out_add = _last_contig(u), _last_contig(delta), _last_contig(z), _last_contig(out_add)
     Bg, Cg = _as_groups(B), _as_groups(C)
     batch, dim, L = u.shape
     nstate = A.shape[1]
@@ -193,17 +194,18 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
     zz = z if z is not None else u
     K._fwd_kernel[(batch, n_dblk, n_chunks)](
         u, delta, A_nd, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
-        seq if seq is not None else dummy, hc, out, tiles, last,
+        seq if seq is not None else dummy, hc, out, tiles, last, out_add if out_add is not None else dummy,
         L, dim, nstate, chunk_tiles, n_tiles, dpg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1), Cg.stride(2),
         zz.stride(0), zz.stride(1), out.stride(0), out.stride(1), seq_stride,
+        out_add.stride(0) if out_add is not None else 0, out_add.stride(1) if out_add is not None else 0,
         *hc_strides, tiles.stride(0), tiles.stride(1) if save_tile_states else 0,
         tiles.stride(2) if save_tile_states else 0,
         last.stride(0), last.stride(1),
         BD=BD, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
         HAS_HCHUNK=(n_chunks > 1) or (h0 is not None), SAVE_TILES=bool(save_tile_states),
-        num_warps=cfg["warps"], **flags)
+        HAS_ADD=out_add is not None, num_warps=cfg["warps"], **flags)
     return out, last, (tiles if save_tile_states else None), cfg
 
 
@@ -334,14 +336,17 @@ Tensor = torch.Tensor
 @torch.library.custom_op("genomamba::selective_scan_fwd", mutates_args=())
 def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
                  delta_bias: Tensor | None, initial_state: Tensor | None, seq_idx: Tensor | None,
-                 delta_softplus: bool, reverse: bool, save_tiles: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 delta_softplus: bool, reverse: bool, save_tiles: bool,
+                 out_add: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     out, last, tiles, _ = selective_scan_triton_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                    initial_state, reverse, seq_idx, save_tile_states=save_tiles)
+                                                    initial_state, reverse, seq_idx, save_tile_states=save_tiles,
+                                                    out_add=out_add)
     return out, last, (tiles if tiles is not None else u.new_empty(0, dtype=torch.float32))
 
 
 @_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse, save_tiles):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse, save_tiles,
+      out_add=None):
     batch, dim, L = u.shape
     nstate = A.shape[1]
     T = _tile_config(nstate, u.device)["T"]
@@ -370,9 +375,10 @@ def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, 
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse, _save = inputs
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse, _save = inputs[:13]
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, output[2])
     ctx.softplus, ctx.reverse = softplus, reverse
+    ctx.has_add = len(inputs) > 13 and inputs[13] is not None
     # Outputs nobody used (the tile states always, the last state mostly) get None, not a zero
     # gradient: autograd would fill one the size of the tile states (4 GiB at (1, 512, 2^20)).
     ctx.set_materialize_grads(False)
@@ -386,8 +392,9 @@ def _backward(ctx, dout, dlast, _dtiles):
         dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, tiles,
         ctx.softplus, ctx.reverse)
     keep = lambda g, t: g if t is not None else None  # noqa: E731
+    # out = out_add + scan: out_add's gradient is dout itself
     return (du, ddelta, dA, dB, dC, keep(dD, D), keep(dz, z), keep(ddb, delta_bias),
-            keep(dh0, initial_state), None, None, None, None)
+            keep(dh0, initial_state), None, None, None, None, dout if ctx.has_add else None)
 
 
 _scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -395,7 +402,7 @@ _scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, initial_state=None, reverse=False, seq_idx=None,
-                   cu_seqlens=None, backend=None, recompute_states=False):
+                   cu_seqlens=None, backend=None, recompute_states=False, out_add=None):
     """Selective scan (S6), drop-in for `mamba_ssm.selective_scan_fn`, plus:
 
     initial_state (batch, dim, N): state before the first step (differentiable);
@@ -405,6 +412,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     recompute_states (Triton path): the forward keeps no per-tile states for the backward (float32,
     N x 4 bytes per channel every 8 steps: 4 GiB for (1, 512, 2^20)); the backward rebuilds them
     (~40% more backward time, measured at 131,072 and 2^20). For memory-bound (checkpointed) training.
+    out_add (like u): returned out is out_add + the scan's output, added inside the output pass (a
+    bidirectional block's second direction: no separate elementwise add, one rounding).
     Returns out (batch, dim, L) in u's dtype, and with return_last_state the float32 state after
     the last step (the leftmost one when reverse=True).
     """
@@ -417,10 +426,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, L)
     if seq_idx is not None and tuple(seq_idx.shape) != (batch, L):
         raise ValueError(f"seq_idx must be (batch, L) = {(batch, L)}, got {tuple(seq_idx.shape)}")
+    if out_add is not None and out_add.shape != u.shape:
+        raise ValueError(f"out_add must be shaped like u {tuple(u.shape)}, got {tuple(out_add.shape)}")
     if resolve_backend(backend, u) == "torch":
-        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                      initial_state=initial_state, reverse=reverse, seq_idx=seq_idx)
-    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        res = selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     initial_state=initial_state, reverse=reverse, seq_idx=seq_idx)
+        if out_add is None:
+            return res
+        return (out_add + res[0], res[1]) if return_last_state else out_add + res
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state, out_add)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     save = needs_grad and not recompute_states
     seq = seq_idx.to(torch.int32) if seq_idx is not None else None
@@ -428,8 +442,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         # Inference: launch the kernels directly. The custom op's first call imports much of
         # torch._dynamo (seconds per process) and every call pays the dispatcher.
         out, last, _, _ = selective_scan_triton_fwd(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus,
-                                                    initial_state, reverse, seq)
+                                                    initial_state, reverse, seq, out_add=out_add)
         return (out, last) if return_last_state else out
     out, last, _tiles = _scan_fwd_op(u, delta, A.float(), B, C, D, z, delta_bias, initial_state, seq,
-                                     bool(delta_softplus), bool(reverse), save)
+                                     bool(delta_softplus), bool(reverse), save, out_add)
     return (out, last) if return_last_state else out

@@ -372,17 +372,19 @@ def _state_passing_kernel(
 @triton.jit
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, db_ptr, seq_ptr,
-    Hchunk_ptr, out_ptr, Htile_ptr, Hlast_ptr,
+    Hchunk_ptr, out_ptr, Htile_ptr, Hlast_ptr, add_ptr,
     L, DIM, NSTATE, CHUNK_TILES, N_TILES, DIM_PER_GROUP,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d,
-    s_o_b, s_o_d, s_seq_b,
+    s_o_b, s_o_d, s_seq_b, s_a_b, s_a_d,
     s_hc_b, s_hc_c, s_hc_d, s_hc_n, s_ht_b, s_ht_c, s_ht_n, s_hl_b, s_hl_d,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, HAS_HCHUNK: tl.constexpr, SAVE_TILES: tl.constexpr,
-    FAST: tl.constexpr,
+    HAS_ADD: tl.constexpr, FAST: tl.constexpr,
 ):
     """Forward pass 3: outputs of one chunk from its entering state; saves every tile's entering state.
+    HAS_ADD: out = add + (the scan's output), one rounding (a bidirectional block's second direction
+    adds the first's output here instead of in a separate elementwise pass).
 
     The next tile's inputs are loaded before the current tile is computed (software prefetch).
     """
@@ -429,6 +431,9 @@ def _fwd_kernel(
             y += Dv[None, :] * u
         if HAS_Z:
             y = y * zz * _sigmoid(zz, FAST)
+        if HAS_ADD:
+            y += tl.load(add_ptr + pid_b * s_a_b + offs_d[None, :] * s_a_d + p[:, None],
+                         mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         tl.store(out_ptr + pid_b * s_o_b + offs_d[None, :] * s_o_d + p[:, None],
                  y.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
         h = _pick(hs, end, T)

@@ -65,6 +65,16 @@ def test_gue_csv_dataset_and_collate(data):
     assert batch["input_ids"].shape[0] == 3 and batch["label"].tolist() == ds.labels[:3]
 
 
+def test_collate_mask_only_when_padded():
+    """attention_mask marks real tokens of a padded batch, and is None when nothing was padded
+    (the model then runs without sequence ids)."""
+    a, b = {"input_ids": torch.tensor([7, 8, 9])}, {"input_ids": torch.tensor([10, 7])}
+    padded = collate([a, b])
+    assert padded["attention_mask"].tolist() == [[True, True, True], [True, True, False]]
+    assert padded["input_ids"][1, 2] == tokenizer.PAD_ID
+    assert collate([a, a])["attention_mask"] is None
+
+
 def test_csv_without_label_column(tmp_path):
     (tmp_path / "x.csv").write_text("seq,y\nACGT,1\n")
     with pytest.raises(InputError, match="'sequence' and 'label'"):

@@ -81,8 +81,9 @@ class SSMDirection(nn.Module):
         """Depthwise conv + SiLU; anti-causal for the reverse direction."""
         return causal_conv1d(xi, self.conv_weight, self.conv_bias, seq_idx, activation="silu", reverse=reverse)
 
-    def scan(self, x, z, *, seq_idx=None, reverse=False, initial_state=None, return_last_state=False):
-        """x (after conv), z: (batch, d_inner, L) -> x_proj, dt_proj, selective scan, gate by silu(z)."""
+    def scan(self, x, z, *, seq_idx=None, reverse=False, initial_state=None, return_last_state=False, out_add=None):
+        """x (after conv), z: (batch, d_inner, L) -> x_proj, dt_proj, selective scan, gate by silu(z)
+        (plus out_add, added inside the scan's output pass)."""
         # Channels-first products (W @ x) keep L contiguous, so the kernels need no copies.
         x_dbl = project_channels_first(self.x_proj.weight, x)                       # (batch, R + 2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
@@ -91,11 +92,11 @@ class SSMDirection(nn.Module):
         return selective_scan(x, dt, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
                               delta_softplus=True, return_last_state=return_last_state,
                               initial_state=initial_state, reverse=reverse, seq_idx=seq_idx,
-                              recompute_states=self.recompute_states)
+                              recompute_states=self.recompute_states, out_add=out_add)
 
-    def forward(self, xi, z, *, seq_idx=None, reverse=False):
-        """xi, z: (batch, d_inner, L) -> y (batch, d_inner, L)."""
-        return self.scan(self.conv(xi, seq_idx, reverse), z, seq_idx=seq_idx, reverse=reverse)
+    def forward(self, xi, z, *, seq_idx=None, reverse=False, out_add=None):
+        """xi, z: (batch, d_inner, L) -> y (batch, d_inner, L), plus out_add if given."""
+        return self.scan(self.conv(xi, seq_idx, reverse), z, seq_idx=seq_idx, reverse=reverse, out_add=out_add)
 
 
 class BiMambaMixer(nn.Module):
@@ -135,7 +136,7 @@ class BiMambaMixer(nn.Module):
             xr, zr = self._split(self.in_proj_rev, x)
             yr = self.rev(xr, zr, seq_idx=seq_idx, reverse=True)
             return project_channels_last(y, self.out_proj.weight) + project_channels_last(yr, self.out_proj_rev.weight)
-        y = y + self.rev(xi, z, seq_idx=seq_idx, reverse=True)
+        y = self.rev(xi, z, seq_idx=seq_idx, reverse=True, out_add=y)  # the directions' sum, in the scan
         return project_channels_last(y, self.out_proj.weight)
 
     def forward_chunked(self, x, chunk_len: int, seq_idx=None):

@@ -20,9 +20,8 @@ def mask_tokens(ids: torch.Tensor, prob: float = 0.15, generator: torch.Generato
     chosen = maskable & (r < prob)
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
     how = torch.rand(ids.shape, generator=generator, device="cpu").to(ids.device)
-    inputs = ids.clone()
-    inputs[chosen & (how < 0.8)] = tokenizer.MASK_ID
     random_sel = chosen & (how >= 0.8) & (how < 0.9)
     bases = torch.randint(tokenizer.A_ID, tokenizer.T_ID + 1, ids.shape, generator=generator).to(ids.device)
-    inputs[random_sel] = bases[random_sel]
-    return inputs, labels
+    # torch.where rather than boolean-mask assignment: no device synchronisation on a GPU batch
+    inputs = torch.where(chosen & (how < 0.8), torch.full_like(ids, tokenizer.MASK_ID), ids)
+    return torch.where(random_sel, bases, inputs), labels

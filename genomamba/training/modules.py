@@ -53,8 +53,8 @@ class MaskedLMModule(L.LightningModule):
                                      torch.Generator().manual_seed(hash(split) % 2**31))
         logits = self.model(inputs, batch["attention_mask"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        sel = labels != IGNORE_INDEX
-        acc = (logits.argmax(-1)[sel] == labels[sel]).float().mean()
+        sel = labels != IGNORE_INDEX  # masked sums, not boolean indexing: no device synchronisation
+        acc = ((logits.argmax(-1) == labels) & sel).sum() / sel.sum().clamp_min(1)
         self.log(f"{split}_loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=split != "train")
         self.log(f"{split}_masked_acc", acc, batch_size=len(labels), sync_dist=split != "train")
         return loss

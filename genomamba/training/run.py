@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import signal
+import statistics
+import time
 from pathlib import Path
 
 import lightning as L
@@ -39,6 +41,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+
+
+class StepTimer(Callback):
+    """Median wall time between consecutive training batches, skipping the first 5 (compilation,
+    warm-up): the steady-state time per batch a user sees, data loading and logging included.
+    Reported in metrics.json as train_batch_ms (with DDP: one batch on every device)."""
+
+    SKIP = 5
+
+    def __init__(self):
+        self.ends = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ends.append(time.perf_counter())
+
+    def median_ms(self) -> float | None:
+        ends = self.ends[self.SKIP:]
+        if len(ends) < 3:
+            return None
+        return 1e3 * statistics.median(b - a for a, b in zip(ends, ends[1:]))
 
 
 class SaveOnSignal(Callback):
@@ -140,8 +162,8 @@ def run(command: str, cfg: dict, ckpt_path=None) -> dict:
                     "classify": (ClassifyData, SequenceClassificationModule),
                     "token_classify": (TokenClassifyData, TokenClassificationModule)}[cfg["task"]]
     data, module = data(cfg), module(cfg)
-    signals = SaveOnSignal(out / "checkpoints")
-    trainer = _trainer(cfg, out, [signals] if command == "fit" else [])
+    signals, timer = SaveOnSignal(out / "checkpoints"), StepTimer()
+    trainer = _trainer(cfg, out, [signals, timer] if command == "fit" else [])
     ckpt = resolve_ckpt(ckpt_path, out)
     if command == "fit":
         try:
@@ -169,6 +191,8 @@ def run(command: str, cfg: dict, ckpt_path=None) -> dict:
         raise InputError(f"unknown command {command!r}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = trainer.global_step
+    if timer.median_ms() is not None:
+        metrics["train_batch_ms"] = round(timer.median_ms(), 2)
     if trainer.is_global_zero:
         with atomic_open(out / "metrics.json") as fh:
             json.dump({"command": command, **metrics}, fh, indent=2)

@@ -268,3 +268,28 @@ def test_gradient_through_one_output_alone(use):
             assert leaves[k].grad is None or not leaves[k].grad.any(), k
         elif leaves[k] is not None:
             assert rel(leaves[k].grad, ref[k].grad) < 1e-5, k
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_add_is_added_inside_the_scan(backend):
+    """out_add: the output is out_add + the scan's output (forward, and out_add's gradient is the
+    incoming one); with grad and without (inference launches the kernels directly)."""
+    t = make(batch=2, dim=4, L=23, h0=False)
+    args = [t[k] for k in NAMES[:8]]
+    extra = torch.randn(2, 4, 23)
+    plain = selective_scan(*args, delta_softplus=True, reverse=True, backend=backend)
+    with torch.no_grad():
+        fused = selective_scan(*args, delta_softplus=True, reverse=True, backend=backend, out_add=extra)
+    assert torch.allclose(fused, plain + extra, atol=1e-6)
+    leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+    add = extra.clone().requires_grad_()
+    g = torch.randn(2, 4, 23)
+    selective_scan(*leaves, delta_softplus=True, reverse=True, backend=backend, out_add=add).backward(g)
+    assert torch.equal(add.grad, g)
+    ref = [a.clone().requires_grad_() if a is not None else None for a in args]
+    selective_scan(*ref, delta_softplus=True, reverse=True, backend=backend).backward(g)
+    for a, b in zip(leaves, ref):
+        if a is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="out_add must be shaped like u"):
+        selective_scan(*args, backend=backend, out_add=extra[:, :2])

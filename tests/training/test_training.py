@@ -61,6 +61,7 @@ def test_pretrain_loss_falls_and_outputs_are_written(tmp_path, capsys):
     assert sum(last) / 3 < sum(first) / 3 - 0.1, losses
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 30 and "val_loss" in metrics
+    assert 0 < metrics["train_batch_ms"] < 60_000  # the StepTimer's median time per batch
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
     assert (run / "training_curves.png").stat().st_size > 1000
     assert from_pretrained(run / "model").config.d_model == 32
