@@ -19,14 +19,8 @@ def seq_ids(batch, L):
     return ids
 
 
-@pytest.mark.parametrize("reverse,packed,act,width,bias",
-                         list(itertools.product([False, True], [False, True], [None, "silu"], [2, 4], [True, False])))
-def test_conv_matches_reference(reverse, packed, act, width, bias):
-    batch, dim, L = 2, 6, 29
-    x = torch.randn(batch, dim, L)
-    w = torch.randn(dim, width)
-    b = torch.randn(dim) if bias else None
-    seq = seq_ids(batch, L) if packed else None
+def compare(x, w, b, seq, act, reverse):
+    """Triton output and the gradients of x, w, b against autograd through the float64 reference."""
     ours = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
     ref = [t.double().requires_grad_() if t is not None else None for t in (x, w, b)]
     o = causal_conv1d(*ours, seq_idx=seq, activation=act, reverse=reverse, backend="triton")
@@ -40,25 +34,15 @@ def test_conv_matches_reference(reverse, packed, act, width, bias):
             assert rel(p.grad, q.grad) < 1e-5
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_conv_backward_over_many_programs(reverse):
-    """L = 83 is 6 time tiles of 16 (the CPU block), 2 per backward program: 3 programs, the last
-    one half past the end; sequence boundaries fall inside and across tiles."""
-    batch, dim, L = 2, 5, 83
-    x, w, b = torch.randn(batch, dim, L), torch.randn(dim, 4), torch.randn(dim)
-    seq = torch.zeros(batch, L, dtype=torch.int32)
-    seq[0, 15:] = 1
-    seq[0, 33:] = 2
-    seq[1, 47:] = 1
-    ours = [t.clone().requires_grad_() for t in (x, w, b)]
-    ref = [t.double().requires_grad_() for t in (x, w, b)]
-    o = causal_conv1d(*ours, seq_idx=seq, activation="silu", reverse=reverse, backend="triton")
-    o_ref = causal_conv1d_ref(*ref, activation="silu", seq_idx=seq, reverse=reverse, dtype=torch.float64)
-    g = torch.randn_like(o_ref)
-    (o.double() * g).sum().backward()
-    (o_ref * g).sum().backward()
-    for p, q in zip(ours, ref):
-        assert rel(p.grad, q.grad) < 1e-5
+@pytest.mark.parametrize("reverse,packed,act,width,bias",
+                         list(itertools.product([False, True], [False, True], [None, "silu"], [2, 4], [True, False])))
+def test_conv_matches_reference(reverse, packed, act, width, bias):
+    batch, dim, L = 2, 6, 29
+    x = torch.randn(batch, dim, L)
+    w = torch.randn(dim, width)
+    b = torch.randn(dim) if bias else None
+    seq = seq_ids(batch, L) if packed else None
+    compare(x, w, b, seq, act, reverse)
 
 
 @pytest.mark.parametrize("reverse,act,width", [(False, "silu", 4), (True, "silu", 4), (False, None, 3), (True, None, 2)])
@@ -71,16 +55,7 @@ def test_conv_backward_over_many_programs(reverse, act, width):
     seq[0, 15:] = 1
     seq[0, 33:] = 2
     seq[1, 47:] = 1
-    ours = [t.clone().requires_grad_() for t in (x, w, b)]
-    ref = [t.double().requires_grad_() for t in (x, w, b)]
-    o = causal_conv1d(*ours, seq_idx=seq, activation=act, reverse=reverse, backend="triton")
-    o_ref = causal_conv1d_ref(*ref, activation=act, seq_idx=seq, reverse=reverse, dtype=torch.float64)
-    g = torch.randn_like(o_ref)
-    (o.double() * g).sum().backward()
-    (o_ref * g).sum().backward()
-    assert rel(o, o_ref) < 1e-5
-    for p, q in zip(ours, ref):
-        assert rel(p.grad, q.grad) < 1e-5
+    compare(x, w, b, seq, act, reverse)
 
 
 def test_conv_is_causal_and_reverse_is_mirror():
