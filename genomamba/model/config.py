@@ -31,7 +31,9 @@ class BiMambaConfig:
     gradient_checkpointing: bool = False
     # Scan backward rebuilds its per-tile states instead of the forward keeping them (float32,
     # 4 GiB per direction and layer at d_model 256 x 1 Mb): less memory, a slower backward.
-    # None = on exactly when gradient_checkpointing is (measured in BENCHMARKS.md).
+    # None = under gradient_checkpointing, for the forward direction only (the reverse
+    # direction's states are freed before the forward's are rebuilt: same peak, half the
+    # rebuilds); True = both directions; False = neither (measured in BENCHMARKS.md).
     recompute_scan_states: bool | None = None
     tie_lm_head: bool = True
     dt_min: float = 0.001

@@ -112,10 +112,15 @@ class BiMambaMixer(nn.Module):
         self.d_inner, self.d_conv = d_inner, cfg.d_conv
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-        args = (d_inner, cfg.d_state, cfg.d_conv, cfg.resolved_dt_rank, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor,
-                cfg.gradient_checkpointing if cfg.recompute_scan_states is None else cfg.recompute_scan_states)
-        self.fwd = SSMDirection(*args)
-        self.rev = SSMDirection(*args) if cfg.bidirectional else None
+        args = (d_inner, cfg.d_state, cfg.d_conv, cfg.resolved_dt_rank, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+        # Scan-state rebuild (see BiMambaConfig.recompute_scan_states). Left to the default, only the
+        # forward direction rebuilds under checkpointing: the reverse direction's backward runs first
+        # (its scan is the later node) and frees its kept states before the forward direction's are
+        # rebuilt, so keeping them adds no peak memory and saves half the rebuilds.
+        rebuild = cfg.gradient_checkpointing if cfg.recompute_scan_states is None else cfg.recompute_scan_states
+        self.fwd = SSMDirection(*args, recompute_states=rebuild)
+        self.rev = SSMDirection(*args, recompute_states=rebuild and cfg.recompute_scan_states is not None) \
+            if cfg.bidirectional else None
         self.untied = cfg.bidirectional and not cfg.tie_in_out_proj
         if self.untied:
             self.in_proj_rev = nn.Linear(d_model, 2 * d_inner, bias=False)

@@ -122,13 +122,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_scan_state_recompute_follows_checkpointing_unless_set():
+    """(forward direction, reverse direction) rebuild flags: by default only the forward direction
+    rebuilds under checkpointing; an explicit setting applies to both."""
     def flags(**kw):
         m = BiMambaModel(tiny(**kw))
-        return {d.recompute_states for layer in m.layers for d in (layer.mixer.mixer.fwd, layer.mixer.mixer.rev)}
-    assert flags() == {False}
-    assert flags(gradient_checkpointing=True) == {True}
-    assert flags(gradient_checkpointing=True, recompute_scan_states=False) == {False}
-    assert flags(recompute_scan_states=True) == {True}
+        return {(layer.mixer.mixer.fwd.recompute_states, layer.mixer.mixer.rev.recompute_states) for layer in m.layers}
+    assert flags() == {(False, False)}
+    assert flags(gradient_checkpointing=True) == {(True, False)}
+    assert flags(gradient_checkpointing=True, recompute_scan_states=False) == {(False, False)}
+    assert flags(recompute_scan_states=True) == {(True, True)}
 
 
 @pytest.mark.parametrize("rc", [False, True])
