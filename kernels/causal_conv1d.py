@@ -9,6 +9,8 @@ without a graph break.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -164,7 +166,11 @@ def _conv_dx_kernel(w_ptr, seq_ptr, g_ptr, dx_ptr, L, DIM, W, s_g_b, s_g_d, s_dx
 
 
 def _blocks(x):
-    return (4, 16, 1) if x.device.type != "cuda" else (16, 128, 4)
+    """(channels, time steps, warps) per program; GENOMAMBA_CONV_BLOCKS="BD,BT,warps" overrides (tuning)."""
+    if x.device.type != "cuda":
+        return (4, 16, 1)
+    override = os.environ.get("GENOMAMBA_CONV_BLOCKS")
+    return tuple(int(v) for v in override.split(",")) if override else (4, 256, 4)
 
 
 def _grad_tiles_per_program(x, n_rows, n_tiles):
