@@ -89,7 +89,7 @@ def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, g_ptr, dw_ptr, db_
     """Backward pass 1: g = dL/d(pre-activation) (dout * silu'(pre), written in float32 when SILU so
     that pass 2 reads it at W shifts instead of recomputing the conv), and dw, dbias from the same
     taps. The program walks TILES_PER_PROG time tiles, so dw and dbias are summed in registers and
-    added atomically once per program. Widths up to 4 (the taps are kept in four registers tiles:
+    added atomically once per program. Widths up to 4 (the taps are kept as four register tiles:
     each shifted load is unaligned, so loading a tap twice costs as much as the arithmetic)."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
