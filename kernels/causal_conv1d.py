@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .reference import causal_conv1d_ref
-from .selective_scan import resolve_backend
+from .selective_scan import _target_programs, resolve_backend
 
 
 @triton.jit
@@ -178,8 +178,7 @@ def _grad_tiles_per_program(x, n_rows, n_tiles):
     SM) and as few atomic additions of dw / dbias as that allows. 2 on the CPU (tests cover the loop)."""
     if x.device.type != "cuda":
         return 2
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return max(1, min(16, n_tiles * n_rows // (8 * sms)))
+    return max(1, min(16, n_tiles * n_rows // _target_programs(x.device)))
 
 
 def _launch_args(x, weight, bias, seq_idx):

@@ -23,5 +23,5 @@ def mask_tokens(ids: torch.Tensor, prob: float = 0.15, generator: torch.Generato
     random_sel = chosen & (how >= 0.8) & (how < 0.9)
     bases = torch.randint(tokenizer.A_ID, tokenizer.T_ID + 1, ids.shape, generator=generator).to(ids.device)
     # torch.where rather than boolean-mask assignment: no device synchronisation on a GPU batch
-    inputs = torch.where(chosen & (how < 0.8), torch.full_like(ids, tokenizer.MASK_ID), ids)
+    inputs = torch.where(chosen & (how < 0.8), tokenizer.MASK_ID, ids)
     return torch.where(random_sel, bases, inputs), labels
