@@ -54,14 +54,17 @@ def rel(a, b):
 def check_small(dtype, tol):
     """Forward, last state and every gradient vs float64 autograd, across options."""
     worst = 0.0
-    for kw in [dict(), dict(reverse=True), dict(groups=2), dict(seq=True), dict(seq=True, reverse=True)]:
-        t = make_inputs(2, 64, 1000, dtype, groups=kw.get("groups"), grad=True)
+    # batch 2: several programs per tile (dB/dC by atomics); batch 8 x 4000: one program per tile.
+    for kw in [dict(), dict(reverse=True), dict(groups=2), dict(seq=True), dict(seq=True, reverse=True),
+               dict(batch=8, L=4000, reverse=True, seq=True), dict(batch=8, L=4000)]:
+        batch, L = kw.get("batch", 2), kw.get("L", 1000)
+        t = make_inputs(batch, 64, L, dtype, groups=kw.get("groups"), grad=True)
         seq = None
         if kw.get("seq"):
-            seq = torch.zeros(2, 1000, dtype=torch.int32, device="cuda")
+            seq = torch.zeros(batch, L, dtype=torch.int32, device="cuda")
             seq[:, 300:] = 1
             seq[:, 777:] = 2
-        h0 = torch.randn(2, 64, N, device="cuda", requires_grad=True)
+        h0 = torch.randn(batch, 64, N, device="cuda", requires_grad=True)
         args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
         ref_args = [a.detach().double().requires_grad_() for a in args]
         h0r = h0.detach().double().requires_grad_()

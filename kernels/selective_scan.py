@@ -52,21 +52,39 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     """
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
-        return dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
-                    FAST=False)
+        cfg = dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
+                   FAST=False, lane_rs=1, reload_bc=0)
+        return _override(cfg)
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
     # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements;
     # the backward's main kernel splits N over 4 lanes instead: BD_BWD = 8 channels per warp).
     # warps_pass = 0: chosen per launch by _passing_warps.
+    # lane_rs / reload_bc: the backward main kernel's dB/dC reduce-scatter and B/C reloads (see
+    # _bwd_kernel; kernels/BENCHMARKS.md has the measurements).
     cfg = dict(T=8, BD=64, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=2, warps_bwd=1, warps_pass=0,
-               maxnreg_bwd=0, TPP=16, FAST=True)
-    # For tuning: "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS[,warps_pass]]]]]" (maxnreg 0 = the
-    # compiler's choice).
+               maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1)
+    return _override(cfg)
+
+
+_TUNING_KEYS = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "BC", "BD_PASS", "warps_pass",
+                "lane_rs", "reload_bc")
+
+
+def _override(cfg: dict) -> dict:
+    """For tuning: GENOMAMBA_SCAN_TILES="T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS[,warps_pass
+    [,lane_rs[,reload_bc]]]]]]]]" (maxnreg 0 = the compiler's choice, warps_pass 0 = per launch)."""
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
-        keys = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "BC", "BD_PASS", "warps_pass")
-        cfg.update({k: int(v) for k, v in zip(keys, override.split(","))})
+        cfg.update({k: int(v) for k, v in zip(_TUNING_KEYS, override.split(","))})
     return cfg
+
+
+def _lane_rs_mode(cfg: dict, T: int, bd: int, device: torch.device) -> int:
+    """The backward's dB/dC reduce-scatter needs one time step per channel lane (T == BD): 1 = warp
+    shuffles on the GPU, 2 = the same arithmetic in plain Triton (the interpreter), 0 = off."""
+    if not cfg.get("lane_rs") or T != bd or bd & (bd - 1):
+        return 0
+    return 1 if device.type == "cuda" and not _interpreting() else 2
 
 
 def _reg_cap(maxnreg: int, device: torch.device) -> dict:
@@ -319,6 +337,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
         dA_part.stride(0), dim,
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
+        LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")),
         num_warps=cfg["warps_bwd"], **flags, **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     dA = dA_part.sum(0).t()
     dD = dD_part.sum(0) if dD_part is not None else None

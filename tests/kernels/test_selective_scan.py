@@ -293,3 +293,28 @@ def test_out_add_is_added_inside_the_scan(backend):
             assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="out_add must be shaped like u"):
         selective_scan(*args, backend=backend, out_add=extra[:, :2])
+
+
+@pytest.mark.parametrize("reverse,packed,groups,batch,L,reload_bc", [
+    (False, True, None, 2, 37, 1),    # one program per tile: dB/dC stored
+    (True, False, 2, 2, 37, 0),       # groups
+    (True, True, None, 1, 8, 1),      # one tile, two channel splits: dB/dC by atomics
+])
+def test_backward_lane_reduce_scatter(reverse, packed, groups, batch, L, reload_bc, monkeypatch):
+    """The backward main kernel with one time step per channel lane (T == BD_BWD = 8): dB and dC
+    reduced over channels by the lane reduce-scatter (here its plain-Triton form, the same index
+    arithmetic as the GPU's shuffles), with B/C reloaded per channel block or held."""
+    ss = sys.modules["genomamba_kernels.selective_scan"]
+    monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"8,4,8,1,1,0,2,8,64,1,1,{reload_bc}")
+    cfg = ss._tile_config(4, torch.device("cpu"))
+    assert ss._lane_rs_mode(cfg, cfg["T"], cfg["BD_BWD"], torch.device("cpu")) == 2
+    ids = packed_seq_idx(batch, L) if packed else None
+    compare(make(batch=batch, dim=16, L=L, groups=groups), 1e-5, reverse=reverse, seq_idx=ids)
+
+
+def test_lane_reduce_scatter_mode():
+    ss = sys.modules["genomamba_kernels.selective_scan"]
+    cpu = torch.device("cpu")
+    assert ss._lane_rs_mode(dict(lane_rs=1), 8, 4, cpu) == 0      # needs T == BD
+    assert ss._lane_rs_mode(dict(lane_rs=0), 8, 8, cpu) == 0
+    assert ss._lane_rs_mode(dict(lane_rs=1), 6, 6, cpu) == 0      # and a power of two
