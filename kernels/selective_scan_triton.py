@@ -23,7 +23,9 @@ Passes (DESIGN.md section 4 says why):
   program per (batch, tile, channel split), recomputes h from the saved tile state, gets
   q_t = dL/dh_t = C_t dy_t + a_{t+1} q_{t+1} from one scan (`_combine_next`: no shifted a_{t+1},
   no second exponential), and loops over channel blocks so dB and dC are reduced over channels in
-  registers and stored once.
+  registers and stored once: each block's contributions are folded across the 8 channel lanes by
+  a reduce-scatter (warp shuffles; one time step per lane), so the accumulators take 4 registers
+  per thread instead of 32 and the loop does not spill.
 * reverse=True visits physical tiles from the end of the sequence and scans each right to left:
   loads stay in increasing address order and nothing is flipped in memory.
 * seq_idx resets the state (a_t = 0) where the sequence id changes. All offsets are 64-bit.
