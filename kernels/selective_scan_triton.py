@@ -520,8 +520,9 @@ def _adjoint_tile_kernel(
 def _lane_fold(lo, hi, upper, xor: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MODE: tl.constexpr):
     """One butterfly step of a reduce-scatter over the channel lanes: channel j keeps hi where
     `upper` is set, else lo, plus the same half of channel j ^ xor. MODE 1: one warp shuffle per
-    value (the channel axis is the low lane bits of the backward's layout); MODE 2: the same
-    arithmetic in plain Triton (a flip of the channel axis), for the interpreter."""
+    value (the channel axis is the low lane bits of the backward's layout: Triton 3.6 and 3.9 give
+    its operands threadsPerWarp [1, 4, 8], which a CPU test checks on the installed Triton);
+    MODE 2: the same arithmetic in plain Triton (a flip of the channel axis), for the interpreter."""
     if MODE == 1:
         return tl.inline_asm_elementwise(
             asm="""{ .reg .pred p; .reg .f32 s, k, r;

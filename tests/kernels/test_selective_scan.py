@@ -318,3 +318,51 @@ def test_lane_reduce_scatter_mode():
     assert ss._lane_rs_mode(dict(lane_rs=1), 8, 4, cpu) == 0      # needs T == BD
     assert ss._lane_rs_mode(dict(lane_rs=0), 8, 8, cpu) == 0
     assert ss._lane_rs_mode(dict(lane_rs=1), 6, 6, cpu) == 0      # and a power of two
+
+
+_LAYOUT_PROBE = """
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from genomamba_kernels import selective_scan_triton as K
+fn = K._bwd_kernel
+consts = dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, HAS_DB=True, SOFTPLUS=True, HAS_SEQ=False,
+              REVERSE=False, ATOMIC_BC=False, FAST=True, LANE_RS=1, RELOAD_BC=True)
+half = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}
+sig = {}
+for name in fn.arg_names:
+    if name in consts:
+        sig[name] = "constexpr"
+    elif name.endswith("_ptr"):
+        sig[name] = "*bf16" if name in half else ("*i32" if name == "seq_ptr" else "*fp32")
+    else:
+        sig[name] = "i64" if name.startswith("s_") else "i32"
+k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=1))
+sys.stdout.write(k.asm["ttgir"])
+"""
+
+
+def test_lane_reduce_scatter_gets_the_lane_layout_it_assumes():
+    """The GPU reduce-scatter exchanges values between lanes j and j ^ H and reads the result of
+    lane j as time step j: that holds only if the channel axis of its operands sits on the low 3
+    lane bits (threadsPerWarp [1, 4, 8], channels fastest). Compiled for sm_90 with the installed
+    Triton (no GPU needed; in a subprocess, outside the interpreter), the layout of every
+    shuffle's operands is checked."""
+    import re
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-c", _LAYOUT_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ttgir = run.stdout
+    shuffles = [line for line in ttgir.splitlines() if "shfl.sync.bfly" in line]
+    assert len(shuffles) == 6, "expected 3 rounds x (dB, dC)"
+    layouts = {name for line in shuffles for name in re.findall(r"tensor<[^>]*, (#\w+)>", line)}
+    assert layouts
+    for name in layouts:
+        definition = re.search(rf"^{name} = (.*)$", ttgir, re.M).group(1)
+        assert "threadsPerWarp = [1, 4, 8]" in definition and "order = [2, 1, 0]" in definition, definition
+        assert "warpsPerCTA = [1, 1, 1]" in definition, definition
