@@ -80,9 +80,10 @@ def _override(cfg: dict) -> dict:
 
 
 def _lane_rs_mode(cfg: dict, T: int, bd: int, device: torch.device) -> int:
-    """The backward's dB/dC reduce-scatter needs one time step per channel lane (T == BD): 1 = warp
-    shuffles on the GPU, 2 = the same arithmetic in plain Triton (the interpreter), 0 = off."""
-    if not cfg.get("lane_rs") or T != bd or bd & (bd - 1):
+    """The backward's dB/dC reduce-scatter needs one time step per channel lane (T == BD, a power of
+    two up to 16): 1 = warp shuffles on the GPU, 2 = the same arithmetic in plain Triton (the
+    interpreter), 0 = off."""
+    if not cfg.get("lane_rs") or T != bd or bd & (bd - 1) or bd > 16:
         return 0
     return 1 if device.type == "cuda" and not _interpreting() else 2
 

@@ -318,6 +318,8 @@ def test_lane_reduce_scatter_mode():
     assert ss._lane_rs_mode(dict(lane_rs=1), 8, 4, cpu) == 0      # needs T == BD
     assert ss._lane_rs_mode(dict(lane_rs=0), 8, 8, cpu) == 0
     assert ss._lane_rs_mode(dict(lane_rs=1), 6, 6, cpu) == 0      # and a power of two
+    assert ss._lane_rs_mode(dict(lane_rs=1), 32, 32, cpu) == 0    # up to 16 lanes
+    assert ss._lane_rs_mode(dict(lane_rs=1), 8, 8, cpu) == 2      # the interpreter's form on CPU
 
 
 _LAYOUT_PROBE = """
