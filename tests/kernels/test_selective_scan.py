@@ -323,7 +323,7 @@ def test_lane_reduce_scatter_mode():
 
 
 _LAYOUT_PROBE = """
-import re, sys
+import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
