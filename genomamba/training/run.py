@@ -191,8 +191,8 @@ def run(command: str, cfg: dict, ckpt_path=None) -> dict:
         raise InputError(f"unknown command {command!r}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = trainer.global_step
-    if timer.median_ms() is not None:
-        metrics["train_batch_ms"] = round(timer.median_ms(), 2)
+    if (batch_ms := timer.median_ms()) is not None:
+        metrics["train_batch_ms"] = round(batch_ms, 2)
     if trainer.is_global_zero:
         with atomic_open(out / "metrics.json") as fh:
             json.dump({"command": command, **metrics}, fh, indent=2)
