@@ -135,9 +135,9 @@ def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, g_ptr, dw_ptr, db_
 @triton.jit
 def _conv_dx_kernel(w_ptr, seq_ptr, g_ptr, dx_ptr, L, DIM, W, s_g_b, s_g_d, s_dx_b, s_dx_d, s_seq_b,
                     WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
-                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr):
     """Backward pass 2: dx(t) = sum_k w_k g(t +/- j), j = W-1-k, over the outputs whose tap k read
-    x(t) from the same sequence (the mirrored conv of g)."""
+    x(t) from the same sequence (the mirrored conv of g). ACC: added to what dx holds."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
     t = (tl.program_id(2) * BT + tl.arange(0, BT)).to(tl.int64)
@@ -161,8 +161,10 @@ def _conv_dx_kernel(w_ptr, seq_ptr, g_ptr, dx_ptr, L, DIM, W, s_g_b, s_g_d, s_dx
                 gk = tl.where((s_tt == seq_t)[None, :], gk, 0.0)
             wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
             dx += wk[:, None] * gk
-    tl.store(dx_ptr + pid_b * s_dx_b + offs_d[:, None] * s_dx_d + t[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=mask_d[:, None] & in_t[None, :])
+    dx_off = pid_b * s_dx_b + offs_d[:, None] * s_dx_d + t[None, :]
+    if ACC:
+        dx += tl.load(dx_ptr + dx_off, mask=mask_d[:, None] & in_t[None, :], other=0.0).to(tl.float32)
+    tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_d[:, None] & in_t[None, :])
 
 
 def _blocks(x):
@@ -219,13 +221,19 @@ def _(x, weight, bias, seq_idx, silu, reverse):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("genomamba::causal_conv1d_bwd", mutates_args=())
-def _conv_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
-                 reverse: bool) -> list[Tensor]:
+def conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
+             reverse: bool, dx_out: Tensor | None = None, accumulate: bool = False) -> list[Tensor]:
+    """The backward launches: [dx, dweight, dbias (empty without bias)]. dx_out (like x, last dim
+    contiguous): where dx is written; with accumulate, dx is added to what it holds (one input
+    read by two convs, as in a bidirectional block)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
-    dx = torch.empty_like(x)
+    if dx_out is not None and (dx_out.shape != x.shape or dx_out.stride(-1) != 1):
+        raise ValueError("dx_out must be shaped like x with its last dim contiguous")
+    if accumulate and dx_out is None:
+        raise ValueError("accumulate needs dx_out")
+    dx = dx_out if dx_out is not None else torch.empty_like(x)
     dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else dw.new_empty(0)
     g = torch.empty(x.shape, device=x.device, dtype=torch.float32) if silu else dout
@@ -238,8 +246,15 @@ def _conv_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, s
         num_warps=warps)
     _conv_dx_kernel[grid](
         w, seq_arg, g, dx, L, dim, W, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1), seq_stride,
-        WP=triton.next_power_of_2(W), BD=BD, BT=BT, REVERSE=reverse, HAS_SEQ=seq is not None, num_warps=warps)
+        WP=triton.next_power_of_2(W), BD=BD, BT=BT, REVERSE=reverse, HAS_SEQ=seq is not None, ACC=bool(accumulate),
+        num_warps=warps)
     return [dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db]
+
+
+@torch.library.custom_op("genomamba::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
+                 reverse: bool) -> list[Tensor]:
+    return conv_bwd(dout, x, weight, bias, seq_idx, silu, reverse)
 
 
 @_conv_bwd_op.register_fake

@@ -260,8 +260,12 @@ def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles: int,
 
 
 def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                              initial_state, reverse, seq_idx, tiles, cfg, nsplit=None):
-    """Backward on Triton from the saved tile-entry states. Returns the input gradients."""
+                              initial_state, reverse, seq_idx, tiles, cfg, nsplit=None, dz_out=None,
+                              dz_accumulate=False):
+    """Backward on Triton from the saved tile-entry states. Returns the input gradients.
+
+    dz_out (like z, last dim contiguous): where dz is written (else a new tensor); with
+    dz_accumulate the kernel adds dz to what dz_out holds (two scans gated by one z)."""
     u, delta, z = _last_contig(u), _last_contig(delta), _last_contig(z)  # dout: any strides
     Bg, Cg = _as_groups(B), _as_groups(C)
     batch, dim, L = u.shape
@@ -312,7 +316,11 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     atomic_bc = nsplit > 1
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
+    if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.stride(-1) != 1):
+        raise ValueError("dz_out must be shaped like z with its last dim contiguous")
+    if dz_accumulate and dz_out is None:
+        raise ValueError("dz_accumulate needs dz_out")
+    dz = (dz_out if dz_out is not None else torch.empty_like(z)) if z is not None else None
     alloc = torch.zeros if atomic_bc else torch.empty
     dB = alloc(Bg.shape, device=dev, dtype=torch.float32)
     dC = alloc(Cg.shape, device=dev, dtype=torch.float32)
@@ -338,7 +346,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
         dA_part.stride(0), dim,
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
-        LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")),
+        LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")), DZ_ACC=bool(dz_accumulate),
         num_warps=cfg["warps_bwd"], **flags, **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     dA = dA_part.sum(0).t()
     dD = dD_part.sum(0) if dD_part is not None else None

@@ -609,7 +609,7 @@ def _bwd_kernel(
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, ATOMIC_BC: tl.constexpr, FAST: tl.constexpr,
-    LANE_RS: tl.constexpr, RELOAD_BC: tl.constexpr,
+    LANE_RS: tl.constexpr, RELOAD_BC: tl.constexpr, DZ_ACC: tl.constexpr,
 ):
     """Backward pass 3: all gradients of one time tile, looping over the channels of a split.
 
@@ -676,8 +676,10 @@ def _bwd_kernel(
             sig = _sigmoid(zz, FAST)
             dy = dout * zz * sig
             dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
-            tl.store(dz_ptr + pid_b * s_dz_b + offs_d[None, :] * s_dz_d + p[:, None],
-                     dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dz_off = pid_b * s_dz_b + offs_d[None, :] * s_dz_d + p[:, None]
+            if DZ_ACC:  # a second scan gated by the same z (the other direction) adds its share
+                dz += tl.load(dz_ptr + dz_off, mask=m2, other=0.0).to(tl.float32)
+            tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=m2)
         else:
             dy = dout
         # q_t = C_t dy_t + a_{t+1} q_{t+1}, entered from the right with r0: one reverse scan.

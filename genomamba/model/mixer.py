@@ -7,11 +7,13 @@ The reverse direction runs the conv and the scan with reverse=True: no flipped a
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 
-from genomamba_kernels import causal_conv1d, selective_scan
+from genomamba_kernels import bimamba_inner, causal_conv1d, selective_scan
+from genomamba_kernels.selective_scan import resolve_backend
 
 
 def project_channels_first(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +100,21 @@ class SSMDirection(nn.Module):
         """xi, z: (batch, d_inner, L) -> y (batch, d_inner, L), plus out_add if given."""
         return self.scan(self.conv(xi, seq_idx, reverse), z, seq_idx=seq_idx, reverse=reverse, out_add=out_add)
 
+    def inner_params(self) -> tuple:
+        """The 7 tensors `bimamba_inner` takes for one direction."""
+        return (self.conv_weight, self.conv_bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
+                self.A_log, self.D)
+
+
+def _joint_backward_wanted(x: torch.Tensor) -> bool:
+    """Training on the Triton path: the tied bidirectional core as one autograd node
+    (`bimamba_inner`); GENOMAMBA_MIXER_AUTOGRAD=modular keeps one node per op (A/B, tests)."""
+    mode = os.environ.get("GENOMAMBA_MIXER_AUTOGRAD", "joint")
+    if mode not in ("joint", "modular"):
+        raise ValueError(f"GENOMAMBA_MIXER_AUTOGRAD must be 'joint' or 'modular', got {mode!r}")
+    return (mode == "joint" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and resolve_backend(None, x) == "triton")
+
 
 class BiMambaMixer(nn.Module):
     """in_proj -> [forward direction (+ reverse direction)] -> out_proj, directions added.
@@ -133,6 +150,11 @@ class BiMambaMixer(nn.Module):
         return torch.split(xz, self.d_inner, dim=1)
 
     def forward(self, x, seq_idx=None):
+        if self.rev is not None and not self.untied and _joint_backward_wanted(x):
+            xz = _InProjection.apply(x, self.in_proj.weight)                        # (batch, 2*d_inner, L)
+            y = bimamba_inner(xz, self.fwd.inner_params(), self.rev.inner_params(), seq_idx,
+                              self.fwd.recompute_states, self.rev.recompute_states)
+            return project_channels_last(y, self.out_proj.weight)
         xi, z = self._split(self.in_proj, x)
         y = self.fwd(xi, z, seq_idx=seq_idx)
         if self.rev is None:

@@ -252,6 +252,56 @@ def test_triton_kernels_inside_the_model_match_torch(monkeypatch):
         assert torch.allclose(p.grad, g_ref[k], atol=1e-5, rtol=1e-4), k
 
 
+def _graph_names(t):
+    """Names of the autograd nodes t was computed through."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in seen:
+            seen.add(node.name())
+            todo += [n for n, _ in node.next_functions]
+    return seen
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_joint_mixer_backward_equals_separate_nodes(monkeypatch, ckpt):
+    """Triton path (interpreter): the tied bidirectional core as one autograd node
+    (bimamba_inner, in-place gradient sums) gives the gradients of one node per op: every
+    parameter's (the embedding's is the input gradient), with padding (seq_idx), and with
+    checkpointing (the forward direction's states rebuilt)."""
+    monkeypatch.setenv("GENOMAMBA_SCAN_BACKEND", "triton")
+    torch.manual_seed(0)
+    m = BiMambaModel(BiMambaConfig(d_model=8, n_layer=1, d_state=4, gradient_checkpointing=ckpt)).train()
+    x = ids(1, 14)
+    mask = torch.ones(1, 14, dtype=torch.bool)
+    mask[0, 10:] = False
+    weight = torch.randn(1, 14, 8, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for mode in ("modular", "joint"):
+        monkeypatch.setenv("GENOMAMBA_MIXER_AUTOGRAD", mode)
+        m.zero_grad()
+        h = m(x, mask)
+        if not ckpt:
+            assert any("BiMambaInner" in n for n in _graph_names(h)) == (mode == "joint")
+        (h * weight).sum().backward()
+        results[mode] = ({k: p.grad.clone() for k, p in m.named_parameters()}, h.detach())
+    (g_mod, h_mod), (g_joint, h_joint) = results["modular"], results["joint"]
+    assert torch.allclose(h_joint, h_mod, atol=1e-6)
+    for k in g_mod:
+        assert torch.allclose(g_joint[k], g_mod[k], atol=1e-5, rtol=1e-4), k
+    assert g_mod["layers.0.mixer.mixer.rev.A_log"].abs().max() > 0  # the comparison is not of zeros
+
+
+def test_joint_mixer_rejects_bad_arguments():
+    from genomamba_kernels import bimamba_inner
+
+    p = tuple(torch.zeros(1) for _ in range(7))
+    with pytest.raises(ValueError, match="7 parameters"):
+        bimamba_inner(torch.zeros(1, 4, 8), p[:6], p)
+    with pytest.raises(ValueError, match="2\\*d_inner"):
+        bimamba_inner(torch.zeros(1, 5, 8), p, p)
+
+
 def test_tiny_model_overfits_lambda_windows(data):
     """Masked-LM on four real 128 bp lambda windows with fixed masks: the loss falls decisively."""
     fa = Fasta(data / "lambda_phage_NC_001416.fa.gz")

@@ -1,0 +1,112 @@
+"""`bimamba_inner`: the tied bidirectional Mamba mixer between in_proj and out_proj as one autograd
+node on the Triton kernels (training), like mamba_ssm's `mamba_inner_fn` for one direction.
+
+xz (batch, 2*d_inner, L) = [x; z] -> y (batch, d_inner, L): per direction, causal (reverse:
+anti-causal) conv1d + SiLU, x_proj, dt_proj, selective scan gated by silu(z); the reverse scan
+adds the forward one's output (out_add). Same values as the separate ops, one autograd node.
+
+Why: run as separate autograd nodes, the two directions' gradients meet in elementwise additions
+(four per layer: z's, the conv input's, and each direction's conv output, read by both the scan
+and x_proj) and the split of xz concatenates its two gradients. Here the backward writes them in
+place: both scans write dz into the z half of one dxz buffer (the second adds to what the first
+wrote, inside the kernel), both convs write dx into its x half the same way, and x_proj's input
+gradient is added to the scan's du by the GEMM (beta = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .causal_conv1d import _conv_fwd, conv_bwd
+from .selective_scan import _tile_config, selective_scan_triton_bwd, selective_scan_triton_fwd
+
+# One direction's parameters, in this order: conv weight (d_inner, W), conv bias (d_inner,),
+# x_proj weight (dt_rank + 2N, d_inner), dt_proj weight (d_inner, dt_rank), dt_proj bias (d_inner,),
+# A_log (d_inner, N), D (d_inner,).
+N_DIRECTION_PARAMS = 7
+
+
+def _project(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (m, k) @ x (batch, k, L) -> (batch, m, L) in x's dtype (what autocast would pick)."""
+    w = weight.to(x.dtype)
+    return torch.bmm(w.unsqueeze(0).expand(x.shape[0], -1, -1), x)
+
+
+class _BiMambaInner(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xz, seq_idx, recompute_fwd, recompute_rev, *params):
+        d = xz.shape[1] // 2
+        xi, z = xz[:, :d], xz[:, d:]
+        saved, y = [], None
+        for i, (reverse, recompute) in enumerate(((False, recompute_fwd), (True, recompute_rev))):
+            cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
+            nstate, rank = A_log.shape[1], wdt.shape[1]
+            xc = _conv_fwd(xi, cw, cb, seq_idx, True, reverse)
+            xdbl = _project(wx, xc)                                       # (batch, R + 2N, L)
+            dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
+            dt = _project(wdt, dtl)                                       # (batch, d_inner, L)
+            y, _, tiles, _ = selective_scan_triton_fwd(
+                xc, dt, -torch.exp(A_log.float()), B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
+                save_tile_states=not recompute, out_add=y)
+            saved += [xc, xdbl, dt, tiles if tiles is not None else xz.new_empty(0, dtype=torch.float32)]
+        ctx.save_for_backward(xz, seq_idx, *saved, *params)
+        ctx.d = d
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xz, seq_idx, *rest = ctx.saved_tensors
+        saved, params = rest[:8], rest[8:]
+        del rest
+        d = ctx.d
+        xi, z = xz[:, :d], xz[:, d:]
+        dxz = torch.empty_like(xz)
+        dxi, dz = dxz[:, :d], dxz[:, d:]
+        grads = [None] * (2 * N_DIRECTION_PARAMS)
+        # The reverse direction first, as separate nodes would run: its kept states are freed
+        # (under checkpointing) before the forward direction's backward rebuilds its own.
+        for n_done, i in enumerate((1, 0)):
+            reverse = i == 1
+            xc, xdbl, dt, tiles = saved[4 * i:4 * i + 4]
+            saved[4 * i:4 * i + 4] = [None] * 4
+            cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
+            nstate, rank = A_log.shape[1], wdt.shape[1]
+            dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
+            A = -torch.exp(A_log.float())
+            du, ddt, dA, dB, dC, dD, _, ddb, _ = selective_scan_triton_bwd(
+                dy, None, xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx, tiles,
+                _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=n_done > 0)
+            del tiles, dt
+            wdt_c = wdt.to(ddt.dtype)
+            ddtl = torch.bmm(wdt_c.t().unsqueeze(0).expand(ddt.shape[0], -1, -1), ddt)
+            dwdt = torch.bmm(ddt, dtl.transpose(1, 2)).sum(0, dtype=torch.float32)
+            del ddt
+            dxdbl = torch.cat([ddtl, dB.to(du.dtype), dC.to(du.dtype)], dim=1)   # (batch, R + 2N, L)
+            del ddtl, dB, dC
+            dwx = torch.bmm(dxdbl, xc.transpose(1, 2)).sum(0, dtype=torch.float32)
+            wx_t = wx.to(du.dtype).t()
+            du.baddbmm_(wx_t.unsqueeze(0).expand(du.shape[0], -1, -1), dxdbl)   # + x_proj's input gradient
+            del dxdbl
+            _, dcw, dcb = conv_bwd(du, xi, cw, cb, seq_idx, True, reverse, dx_out=dxi, accumulate=n_done > 0)
+            del du
+            grads[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS] = [
+                dcw.to(cw.dtype), dcb.to(cb.dtype) if cb is not None else None, dwx.to(wx.dtype), dwdt.to(wdt.dtype),
+                ddb.to(bdt.dtype), (dA * A).to(A_log.dtype), dD.to(D.dtype)]
+        return (dxz, None, None, None, *grads)
+
+
+def bimamba_inner(xz: torch.Tensor, fwd_params, rev_params, seq_idx: torch.Tensor | None = None,
+                  recompute_fwd: bool = False, recompute_rev: bool = False) -> torch.Tensor:
+    """xz (batch, 2*d_inner, L), last dim contiguous -> y (batch, d_inner, L), both directions summed.
+
+    fwd_params / rev_params: each direction's 7 tensors (conv weight, conv bias, x_proj weight,
+    dt_proj weight, dt_proj bias, A_log, D), parameters of the module that owns them. Softplus on
+    dt as in Mamba. recompute_*: that direction's scan keeps no per-tile states for the backward
+    (see `selective_scan(recompute_states=)`). Triton only (CUDA tensors, or TRITON_INTERPRET=1).
+    """
+    if len(fwd_params) != N_DIRECTION_PARAMS or len(rev_params) != N_DIRECTION_PARAMS:
+        raise ValueError(f"each direction takes {N_DIRECTION_PARAMS} parameters")
+    if xz.dim() != 3 or xz.shape[1] % 2 or xz.stride(-1) != 1:
+        raise ValueError(f"xz must be (batch, 2*d_inner, L) with L contiguous, got {tuple(xz.shape)}")
+    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    return _BiMambaInner.apply(xz, seq, bool(recompute_fwd), bool(recompute_rev), *fwd_params, *rev_params)
