@@ -571,11 +571,13 @@ def _reduce_round(x, H: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MODE: 
 
 
 @triton.jit
-def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
+def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr, dz_ptr,
                 pid_b, k, d0, d_end, offs_n, mask_n, p, mask_t, DIM,
                 s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
-                BD: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr):
-    """Raw loads of one channel block for the backward (issued one block ahead: prefetch)."""
+                s_dz_b, s_dz_d,
+                BD: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, DZ_ACC: tl.constexpr):
+    """Raw loads of one channel block for the backward (issued one block ahead: prefetch), with
+    the dz already there when DZ_ACC (a load at the store would stall the warp on memory)."""
     offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
     mask_d = offs_d < d_end
     mnd = mask_n[:, None] & mask_d[None, :]
@@ -592,7 +594,11 @@ def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, 
     hoff = pid_b * s_h_b + k * s_h_c + offs_n[:, None] * s_h_n + offs_d[None, :]
     h0 = tl.load(Htile_ptr + hoff, mask=mnd, other=0.0)
     r0 = tl.load(Rtile_ptr + hoff, mask=mnd, other=0.0)
-    return offs_d, mask_d, At, u, raw, dout, zz, h0, r0
+    if DZ_ACC:
+        dz0 = _load_td(dz_ptr, pid_b * s_dz_b, s_dz_d, offs_d, mask_d, p, mask_t)
+    else:
+        dz0 = zz
+    return offs_d, mask_d, At, u, raw, dout, zz, h0, r0, dz0
 
 
 @triton.jit
@@ -640,18 +646,18 @@ def _bwd_kernel(
         dC_acc = tl.zeros((T, BN, BD), dtype=tl.float32)
     is_last = (tl.arange(0, T) == _end_index(T, REVERSE))[:, None, None]
     part = (pid_b * tl.num_programs(0) + k)                     # row of the partial-sum buffers
-    o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n = _bwd_inputs(
-        u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
+    o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, dz_n = _bwd_inputs(
+        u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr, dz_ptr,
         pid_b, k, d_start, d_end, offs_n, mask_n, p, mask_t, DIM,
-        s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
-        BD, HAS_Z, HAS_DB)
+        s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n, s_dz_b, s_dz_d,
+        BD, HAS_Z, HAS_DB, DZ_ACC)
     for d0 in range(d_start, d_end, BD):
-        offs_d, mask_d, At, u, raw, dout, zz, h0, r0 = o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n
-        o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n = _bwd_inputs(
-            u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr,
+        offs_d, mask_d, At, u, raw, dout, zz, h0, r0, dz0 = o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, dz_n
+        o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, dz_n = _bwd_inputs(
+            u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr, dz_ptr,
             pid_b, k, d0 + BD, d_end, offs_n, mask_n, p, mask_t, DIM,
-            s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
-            BD, HAS_Z, HAS_DB)
+            s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n, s_dz_b, s_dz_d,
+            BD, HAS_Z, HAS_DB, DZ_ACC)
         if RELOAD_BC:  # the loop-dependent mask keeps the compiler from hoisting the loads
             mtl = mask_t & (p * 0 + d0 < d_end)
             Bt = _load_tn(B_ptr, pid_b * s_B_b + g * s_B_g, s_B_n, offs_n, mask_n, p, mtl)
@@ -678,7 +684,7 @@ def _bwd_kernel(
             dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
             dz_off = pid_b * s_dz_b + offs_d[None, :] * s_dz_d + p[:, None]
             if DZ_ACC:  # a second scan gated by the same z (the other direction) adds its share
-                dz += tl.load(dz_ptr + dz_off, mask=m2, other=0.0).to(tl.float32)
+                dz += dz0.to(tl.float32)
             tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=m2)
         else:
             dy = dout
