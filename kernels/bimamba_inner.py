@@ -73,15 +73,9 @@ class _BiMambaInner(torch.autograd.Function):
             nstate, rank = A_log.shape[1], wdt.shape[1]
             dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
             A = -torch.exp(A_log.float())
-            import os
-            in_kernel = os.environ.get("GENOMAMBA_DZ_SUM", "add") == "kernel"
-            du, ddt, dA, dB, dC, dD, dz_i, ddb, _ = selective_scan_triton_bwd(
+            du, ddt, dA, dB, dC, dD, _, ddb, _ = selective_scan_triton_bwd(
                 dy, None, xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx, tiles,
-                _tile_config(nstate, xc.device), dz_out=dz if (n_done == 0 or in_kernel) else None,
-                dz_accumulate=n_done > 0 and in_kernel)
-            if n_done > 0 and not in_kernel:
-                dz.add_(dz_i)
-            del dz_i
+                _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=n_done > 0)
             del tiles, dt
             wdt_c = wdt.to(ddt.dtype)
             ddtl = torch.bmm(wdt_c.t().unsqueeze(0).expand(ddt.shape[0], -1, -1), ddt)

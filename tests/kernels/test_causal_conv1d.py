@@ -118,3 +118,24 @@ def test_conv_backward_on_a_channel_slice(reverse):
     (o_ref * g).sum().backward()
     assert rel(x_view.grad[:, dim:], ref[0].grad) < 1e-5
     assert x_view.grad[:, :dim].abs().max() == 0
+
+
+@pytest.mark.parametrize("reverse,packed", [(False, True), (True, False)])
+def test_conv_backward_writes_or_adds_into_a_given_buffer(reverse, packed):
+    """conv_bwd(dx_out=, accumulate=): dx lands in a strided slice of a larger buffer (the x half of
+    a bidirectional block's in_proj gradient), replacing or adding to what is there."""
+    from genomamba_kernels.causal_conv1d import conv_bwd
+
+    batch, dim, L = 2, 5, 40
+    x, w, b, dout = torch.randn(batch, dim, L), torch.randn(dim, 4), torch.randn(dim), torch.randn(batch, dim, L)
+    seq = seq_ids(batch, L) if packed else None
+    dx, dw, db = conv_bwd(dout, x, w, b, seq, True, reverse)
+    buf = torch.randn(batch, 2 * dim, L)
+    before = buf.clone()
+    conv_bwd(dout, x, w, b, seq, True, reverse, dx_out=buf[:, :dim])
+    assert torch.equal(buf[:, :dim], dx) and torch.equal(buf[:, dim:], before[:, dim:])
+    _, dw2, db2 = conv_bwd(dout, x, w, b, seq, True, reverse, dx_out=buf[:, :dim], accumulate=True)
+    assert torch.allclose(buf[:, :dim], 2 * dx, atol=1e-6) and torch.equal(buf[:, dim:], before[:, dim:])
+    assert torch.equal(dw2, dw) and torch.equal(db2, db)
+    with pytest.raises(ValueError, match="accumulate needs dx_out"):
+        conv_bwd(dout, x, w, b, seq, True, reverse, accumulate=True)

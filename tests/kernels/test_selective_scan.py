@@ -224,6 +224,34 @@ def test_backward_takes_channels_contiguous_and_expanded_gradients(reverse):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.parametrize("reverse,packed", [(False, True), (True, False)])
+def test_backward_writes_or_adds_dz_into_a_given_buffer(reverse, packed):
+    """selective_scan_triton_bwd(dz_out=, dz_accumulate=): dz lands in a strided slice of a larger
+    buffer (the z half of a bidirectional block's in_proj gradient), replacing or adding to what
+    is there (the prefetched load of the kernel's DZ_ACC path); the other gradients do not change."""
+    from genomamba_kernels.selective_scan import _tile_config, selective_scan_triton_bwd, selective_scan_triton_fwd
+
+    t = make(batch=2, dim=8, L=40, h0=False)
+    seq = packed_seq_idx(2, 40) if packed else None
+    args = [t[k] for k in NAMES[:8]]
+    _, _, tiles, cfg = selective_scan_triton_fwd(*args, delta_softplus=True, reverse=reverse, seq_idx=seq,
+                                                 save_tile_states=True)
+    dout = torch.randn_like(t["u"])
+    run = lambda **kw: selective_scan_triton_bwd(dout, None, *args, True, None, reverse, seq, tiles, cfg, **kw)  # noqa: E731
+    plain = run()
+    buf = torch.randn(2, 16, 40)
+    before = buf.clone()
+    run(dz_out=buf[:, 8:])
+    assert torch.equal(buf[:, 8:], plain[6]) and torch.equal(buf[:, :8], before[:, :8])
+    added = run(dz_out=buf[:, 8:], dz_accumulate=True)
+    assert torch.allclose(buf[:, 8:], 2 * plain[6], atol=1e-6) and torch.equal(buf[:, :8], before[:, :8])
+    for a, b in zip(added, plain):
+        if a is not None and a is not added[6]:
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="dz_accumulate needs dz_out"):
+        run(dz_accumulate=True)
+
+
 def test_inference_launches_kernels_without_the_custom_op(tmp_path):
     """Under no_grad the scan and the conv skip the torch.library custom ops (whose first call
     imports torch._dynamo: seconds per process) and give the same outputs as the op path."""
