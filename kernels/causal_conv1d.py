@@ -82,47 +82,24 @@ def _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t,
 
 
 @triton.jit
-def _grad_at(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, s_seq_b, pid_b, row, do_row, offs_d, mask_d, t, seq_t, j, L, W,
-             WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-             REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """g = dL/d(pre-activation) at the outputs s = t + j (causal; t - j reverse) whose tap W-1-j
-    reads x(t): dout(s) * silu'(pre(s)), 0 outside [0, L) or across a sequence boundary."""
-    if REVERSE:
-        s = t - j
-    else:
-        s = t + j
-    ok = (s >= 0) & (s < L)
-    if HAS_SEQ:
-        seq_s = tl.load(seq_ptr + pid_b * s_seq_b + s, mask=ok, other=-3)
-        ok = ok & (seq_s == seq_t)
-    g = tl.load(dout_ptr + do_row + s[None, :], mask=mask_d[:, None] & ok[None, :], other=0.0).to(tl.float32)
-    if SILU:
-        pre = _conv_pre(x_ptr, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, s, L, W,
-                        WP, BD, BT, HAS_BIAS, REVERSE, HAS_SEQ)
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return g
-
-
-@triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, DIM, W, TILES_PER_PROG,
-                     s_x_b, s_x_d, s_do_b, s_do_d, s_dx_b, s_dx_d, s_seq_b,
-                     WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr):
-    """The whole backward in one pass over x and dout: dx(t) = sum_j w[W-1-j] g(t +/- j) with g
-    recomputed at each of the W shifts (W conv evaluations and sigmoids per position: cheaper than
-    a float32 g written and read back), and dw, dbias from g(t) and the taps of t. The program
-    walks TILES_PER_PROG time tiles, so dw and dbias are summed in registers and added atomically
-    once per program. ACC: dx is added to what dx holds (one input read by two convs). Widths up
-    to 4 (the dw taps are four register tiles)."""
+def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, g_ptr, dw_ptr, db_ptr, L, DIM, W, TILES_PER_PROG,
+                      s_x_b, s_x_d, s_do_b, s_do_d, s_g_b, s_g_d, s_seq_b,
+                      BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                      REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Backward pass 1: g = dL/d(pre-activation) (dout * silu'(pre), written in float32 when SILU so
+    that pass 2 reads it at W shifts instead of recomputing the conv), and dw, dbias from the same
+    taps. The program walks TILES_PER_PROG time tiles, so dw and dbias are summed in registers and
+    added atomically once per program. Widths up to 4 (the taps are kept as four register tiles:
+    each shifted load is unaligned, so loading a tap twice costs as much as the arithmetic)."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
     mask_d = offs_d < DIM
     row = pid_b * s_x_b + offs_d[:, None] * s_x_d
-    do_row = pid_b * s_do_b + offs_d[:, None] * s_do_d
     cols = tl.arange(0, 4)
     dw = tl.zeros((BD, 4), dtype=tl.float32)
     db = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     k_first = tl.program_id(2).to(tl.int64) * TILES_PER_PROG
     for i in range(0, TILES_PER_PROG):
         t = (k_first + i) * BT + tl.arange(0, BT).to(tl.int64)
@@ -132,33 +109,62 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
             seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
         else:
             seq_t = t
-        g = _grad_at(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, s_seq_b, pid_b, row, do_row, offs_d, mask_d, t, seq_t,
-                     0, L, W, WP, BD, BT, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
-        g = tl.where(m, g, 0.0)
         x0, w0 = _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, 0, L, W, REVERSE, HAS_SEQ)
         x1, w1 = _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, 1, L, W, REVERSE, HAS_SEQ)
         x2, w2 = _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, 2, L, W, REVERSE, HAS_SEQ)
         x3, w3 = _tap_w(x_ptr, w_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, 3, L, W, REVERSE, HAS_SEQ)
+        g = tl.load(dout_ptr + pid_b * s_do_b + offs_d[:, None] * s_do_d + t[None, :], mask=m, other=0.0).to(tl.float32)
+        if SILU:
+            pre = w0[:, None] * x0 + w1[:, None] * x1 + w2[:, None] * x2 + w3[:, None] * x3
+            if HAS_BIAS:
+                pre += bias[:, None]
+            sig = tl.sigmoid(pre)
+            g = g * sig * (1.0 + pre * (1.0 - sig))
+            tl.store(g_ptr + pid_b * s_g_b + offs_d[:, None] * s_g_d + t[None, :], g, mask=m)
         db += tl.sum(g, axis=1)
         # column W-1-j of dw takes the tap at shift j
         dw += tl.where((cols == W - 1)[None, :], tl.sum(g * x0, axis=1)[:, None], 0.0)
         dw += tl.where((cols == W - 2)[None, :], tl.sum(g * x1, axis=1)[:, None], 0.0)
         dw += tl.where((cols == W - 3)[None, :], tl.sum(g * x2, axis=1)[:, None], 0.0)
         dw += tl.where((cols == W - 4)[None, :], tl.sum(g * x3, axis=1)[:, None], 0.0)
-        dx = w0[:, None] * g
-        for j in tl.static_range(1, WP):
-            if j < W:
-                wj = tl.load(w_ptr + offs_d * W + (W - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-                dx += wj[:, None] * _grad_at(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, s_seq_b, pid_b, row, do_row,
-                                             offs_d, mask_d, t, seq_t, j, L, W, WP, BD, BT, HAS_BIAS, SILU,
-                                             REVERSE, HAS_SEQ)
-        dx_off = pid_b * s_dx_b + offs_d[:, None] * s_dx_d + t[None, :]
-        if ACC:
-            dx += tl.load(dx_ptr + dx_off, mask=m, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=m)
     tl.atomic_add(dw_ptr + offs_d[:, None] * W + cols[None, :], dw, mask=mask_d[:, None] & (cols < W)[None, :])
     if HAS_BIAS:
         tl.atomic_add(db_ptr + offs_d, db, mask=mask_d)
+
+
+@triton.jit
+def _conv_dx_kernel(w_ptr, seq_ptr, g_ptr, dx_ptr, L, DIM, W, s_g_b, s_g_d, s_dx_b, s_dx_d, s_seq_b,
+                    WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr):
+    """Backward pass 2: dx(t) = sum_k w_k g(t +/- j), j = W-1-k, over the outputs whose tap k read
+    x(t) from the same sequence (the mirrored conv of g). ACC: added to what dx holds."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
+    t = (tl.program_id(2) * BT + tl.arange(0, BT)).to(tl.int64)
+    mask_d = offs_d < DIM
+    in_t = t < L
+    grow = pid_b * s_g_b + offs_d[:, None] * s_g_d
+    if HAS_SEQ:
+        seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
+    dx = tl.zeros((BD, BT), dtype=tl.float32)
+    for k in tl.static_range(WP):
+        if k < W:
+            j = W - 1 - k
+            if REVERSE:
+                tt = t - j
+            else:
+                tt = t + j
+            ok = (tt >= 0) & (tt < L)
+            gk = tl.load(g_ptr + grow + tt[None, :], mask=mask_d[:, None] & ok[None, :], other=0.0).to(tl.float32)
+            if HAS_SEQ:
+                s_tt = tl.load(seq_ptr + pid_b * s_seq_b + tt, mask=ok, other=-3)
+                gk = tl.where((s_tt == seq_t)[None, :], gk, 0.0)
+            wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
+            dx += wk[:, None] * gk
+    dx_off = pid_b * s_dx_b + offs_d[:, None] * s_dx_d + t[None, :]
+    if ACC:
+        dx += tl.load(dx_ptr + dx_off, mask=mask_d[:, None] & in_t[None, :], other=0.0).to(tl.float32)
+    tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_d[:, None] & in_t[None, :])
 
 
 def _blocks(x):
@@ -170,7 +176,7 @@ def _blocks(x):
 
 
 def _grad_tiles_per_program(x, n_rows, n_tiles):
-    """Time tiles walked by one program of the backward: enough programs to fill the GPU (~8 per
+    """Time tiles walked by one program of backward pass 1: enough programs to fill the GPU (~8 per
     SM) and as few atomic additions of dw / dbias as that allows. 2 on the CPU (tests cover the loop)."""
     if x.device.type != "cuda":
         return 2
@@ -230,13 +236,18 @@ def conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_i
     dx = dx_out if dx_out is not None else torch.empty_like(x)
     dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else dw.new_empty(0)
+    g = torch.empty(x.shape, device=x.device, dtype=torch.float32) if silu else dout
     seq_arg, seq_stride = (seq, seq.stride(0)) if seq is not None else (w, 0)
     per = _grad_tiles_per_program(x, batch * grid[1], grid[2])
-    _conv_bwd_kernel[(batch, grid[1], triton.cdiv(grid[2], per))](
-        x, w, bias if bias is not None else w, seq_arg, dout, dx, dw, db if bias is not None else dw, L, dim, W, per,
-        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), seq_stride,
-        WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse,
-        HAS_SEQ=seq is not None, ACC=bool(accumulate), num_warps=warps)
+    _conv_grad_kernel[(batch, grid[1], triton.cdiv(grid[2], per))](
+        x, w, bias if bias is not None else w, seq_arg, dout, g, dw, db if bias is not None else dw, L, dim, W, per,
+        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), seq_stride,
+        BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, HAS_SEQ=seq is not None,
+        num_warps=warps)
+    _conv_dx_kernel[grid](
+        w, seq_arg, g, dx, L, dim, W, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1), seq_stride,
+        WP=triton.next_power_of_2(W), BD=BD, BT=BT, REVERSE=reverse, HAS_SEQ=seq is not None, ACC=bool(accumulate),
+        num_warps=warps)
     return [dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db]
 
 
