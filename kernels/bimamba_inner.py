@@ -65,8 +65,8 @@ class _BiMambaInner(torch.autograd.Function):
         grads = [None] * (2 * N_DIRECTION_PARAMS)
         # The reverse direction first, as separate nodes would run: its kept states are freed
         # (under checkpointing) before the forward direction's backward rebuilds its own.
-        for n_done, i in enumerate((1, 0)):
-            reverse = i == 1
+        for i in (1, 0):
+            reverse, second = i == 1, i == 0
             xc, xdbl, dt, tiles = saved[4 * i:4 * i + 4]
             saved[4 * i:4 * i + 4] = [None] * 4
             cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
@@ -75,19 +75,18 @@ class _BiMambaInner(torch.autograd.Function):
             A = -torch.exp(A_log.float())
             du, ddt, dA, dB, dC, dD, _, ddb, _ = selective_scan_triton_bwd(
                 dy, None, xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx, tiles,
-                _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=n_done > 0)
+                _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=second)
             del tiles, dt
-            wdt_c = wdt.to(ddt.dtype)
-            ddtl = torch.bmm(wdt_c.t().unsqueeze(0).expand(ddt.shape[0], -1, -1), ddt)
+            ddtl = _project(wdt.t(), ddt)                                 # dt_proj's input gradient
             dwdt = torch.bmm(ddt, dtl.transpose(1, 2)).sum(0, dtype=torch.float32)
             del ddt
             dxdbl = torch.cat([ddtl, dB.to(du.dtype), dC.to(du.dtype)], dim=1)   # (batch, R + 2N, L)
             del ddtl, dB, dC
             dwx = torch.bmm(dxdbl, xc.transpose(1, 2)).sum(0, dtype=torch.float32)
-            wx_t = wx.to(du.dtype).t()
-            du.baddbmm_(wx_t.unsqueeze(0).expand(du.shape[0], -1, -1), dxdbl)   # + x_proj's input gradient
+            wx_t = wx.to(du.dtype).t().unsqueeze(0).expand(du.shape[0], -1, -1)
+            du.baddbmm_(wx_t, dxdbl)                                      # + x_proj's input gradient
             del dxdbl
-            _, dcw, dcb = conv_bwd(du, xi, cw, cb, seq_idx, True, reverse, dx_out=dxi, accumulate=n_done > 0)
+            _, dcw, dcb = conv_bwd(du, xi, cw, cb, seq_idx, True, reverse, dx_out=dxi, accumulate=second)
             del du
             grads[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS] = [
                 dcw.to(cw.dtype), dcb.to(cb.dtype) if cb is not None else None, dwx.to(wx.dtype), dwdt.to(wdt.dtype),
