@@ -259,6 +259,141 @@ def _conv_dx_kernel(w_ptr, seq_ptr, g_ptr, dx_ptr, L, DIM, W, s_g_b, s_g_d, s_dx
     tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _same_seq(seq_ptr, s_seq_b, pid_b, src, seq_at, L):
+    """(1, R, 4): position src is in [0, L) and in the sequence seq_at (packed windows)."""
+    ok = (src >= 0) & (src < L)
+    return (tl.load(seq_ptr + pid_b * s_seq_b + src, mask=ok, other=-1) == seq_at)[None, :, :]
+
+
+@triton.jit
+def _silu_grad_at(x_lo, x_hi, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, P, L, w0, w1, w2, w3, bias,
+                  HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """g = dL/d(pre-activation) at the (BD, R, 4) positions P, and P's four taps, from the x tiles
+    x_lo (one row before x_hi): P is x_hi's positions (causal, taps x(P - j)) or x_lo's (REVERSE,
+    taps x(P + j)). 0 outside [0, L)."""
+    l0, l1, l2, l3 = _cols(x_lo)
+    h0, h1, h2, h3 = _cols(x_hi)
+    if REVERSE:
+        x0 = x_lo
+        x1 = _shift(l0, l1, l2, l3, h0, h1, h2, h3, 1)
+        x2 = _shift(l0, l1, l2, l3, h0, h1, h2, h3, 2)
+        x3 = _shift(l0, l1, l2, l3, h0, h1, h2, h3, 3)
+    else:
+        x0 = x_hi
+        x1 = _shift(l0, l1, l2, l3, h0, h1, h2, h3, 3)
+        x2 = _shift(l0, l1, l2, l3, h0, h1, h2, h3, 2)
+        x3 = _shift(l0, l1, l2, l3, h0, h1, h2, h3, 1)
+    if HAS_SEQ:
+        in_p = (P >= 0) & (P < L)
+        seq_p = tl.load(seq_ptr + pid_b * s_seq_b + P, mask=in_p, other=-2)
+        step = 1 if REVERSE else -1
+        x1 = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, P + step, seq_p, L), x1, 0.0)
+        x2 = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, P + 2 * step, seq_p, L), x2, 0.0)
+        x3 = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, P + 3 * step, seq_p, L), x3, 0.0)
+    g = tl.load(dout_ptr + do_row + P[None, :, :], mask=md & ((P >= 0) & (P < L))[None, :, :],
+                other=0.0).to(tl.float32)
+    if SILU:
+        pre = w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
+        if HAS_BIAS:
+            pre += bias
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g, x0, x1, x2, x3
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, DIM, W, TILES_PER_PROG,
+                     s_x_b, s_x_d, s_do_b, s_do_d, s_dx_b, s_dx_d, s_seq_b,
+                     BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr):
+    """The whole backward in one pass: dx(t) = sum_j w[W-1-j] g(t +/- j), dw and dbias, where
+    g = dout * silu'(pre) is computed for this tile and for the tile one row (4 positions) later
+    (earlier when REVERSE), whose first columns the shifted g(t +/- j) need: twice the SiLU work,
+    no g written to memory. Tiles are (BD, BT / 4, 4), position t0 + 4 i + r at row i, column r,
+    read with aligned loads (x at three row offsets, dout at two) and shifted in registers
+    (_cols / _shift). The program walks TILES_PER_PROG time tiles; dw and dbias are summed per
+    element, reduced once and added atomically. ACC: dx is added to what dx holds. Widths <= 4."""
+    R: tl.constexpr = BT // 4
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
+    mask_d = offs_d < DIM
+    md = mask_d[:, None, None]
+    row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
+    do_row = pid_b * s_do_b + offs_d[:, None, None] * s_do_d
+    cols = tl.arange(0, 4)
+    # weight of tap j is w[:, W-1-j]; taps j >= W get weight 0 (tensor tests in the masks: the
+    # interpreter takes no scalar one)
+    w0 = tl.load(w_ptr + offs_d * W + (W - 1), mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
+    w1 = tl.load(w_ptr + offs_d * W + (W - 2), mask=mask_d & (offs_d * 0 + 1 < W), other=0.0).to(tl.float32)[:, None, None]
+    w2 = tl.load(w_ptr + offs_d * W + (W - 3), mask=mask_d & (offs_d * 0 + 2 < W), other=0.0).to(tl.float32)[:, None, None]
+    w3 = tl.load(w_ptr + offs_d * W + (W - 4), mask=mask_d & (offs_d * 0 + 3 < W), other=0.0).to(tl.float32)[:, None, None]
+    bias = w0
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
+    s_g = tl.zeros((BD, R, 4), dtype=tl.float32)
+    s_0 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    s_1 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    s_2 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    s_3 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    k_first = tl.program_id(2).to(tl.int64) * TILES_PER_PROG
+    for i in range(0, TILES_PER_PROG):
+        t = ((k_first + i) * BT + 4 * tl.arange(0, R)[:, None] + tl.arange(0, 4)[None, :]).to(tl.int64)  # (R, 4)
+        in_t = t < L
+        m = md & in_t[None, :, :]
+        x_prev = tl.load(x_ptr + row + (t - 4)[None, :, :], mask=md & ((t >= 4) & (t - 4 < L))[None, :, :], other=0.0)
+        x_here = tl.load(x_ptr + row + t[None, :, :], mask=m, other=0.0)
+        x_next = tl.load(x_ptr + row + (t + 4)[None, :, :], mask=md & (t + 4 < L)[None, :, :], other=0.0)
+        x_prev, x_here, x_next = x_prev.to(tl.float32), x_here.to(tl.float32), x_next.to(tl.float32)
+        if REVERSE:   # g here from (here, next); the other g one row earlier, from (prev, here)
+            g, x0, x1, x2, x3 = _silu_grad_at(x_here, x_next, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, t, L,
+                                              w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+            g_o, _0, _1, _2, _3 = _silu_grad_at(x_prev, x_here, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md,
+                                                t - 4, L, w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+            o0, o1, o2, o3 = _cols(g_o)
+            h0, h1, h2, h3 = _cols(g)
+            # g(t - j): column 4 + r - j of (previous row, this one)
+            ga = _shift(o0, o1, o2, o3, h0, h1, h2, h3, 3)
+            gb = _shift(o0, o1, o2, o3, h0, h1, h2, h3, 2)
+            gc = _shift(o0, o1, o2, o3, h0, h1, h2, h3, 1)
+        else:         # g here from (prev, here); the other g one row later, from (here, next)
+            g, x0, x1, x2, x3 = _silu_grad_at(x_prev, x_here, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, t, L,
+                                              w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+            g_o, _0, _1, _2, _3 = _silu_grad_at(x_here, x_next, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md,
+                                                t + 4, L, w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+            h0, h1, h2, h3 = _cols(g)
+            o0, o1, o2, o3 = _cols(g_o)
+            # g(t + j): column r + j of (this row, the next)
+            ga = _shift(h0, h1, h2, h3, o0, o1, o2, o3, 1)
+            gb = _shift(h0, h1, h2, h3, o0, o1, o2, o3, 2)
+            gc = _shift(h0, h1, h2, h3, o0, o1, o2, o3, 3)
+        if HAS_SEQ:  # g(t +/- j) reaches x(t) only through an output of t's own sequence
+            seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
+            step = -1 if REVERSE else 1
+            ga = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, t + step, seq_t, L), ga, 0.0)
+            gb = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, t + 2 * step, seq_t, L), gb, 0.0)
+            gc = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, t + 3 * step, seq_t, L), gc, 0.0)
+        dx = w0 * g + w1 * ga + w2 * gb + w3 * gc
+        dx_off = pid_b * s_dx_b + offs_d[:, None, None] * s_dx_d + t[None, :, :]
+        if ACC:
+            dx += tl.load(dx_ptr + dx_off, mask=m, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        s_g += g
+        s_0 += g * x0
+        s_1 += g * x1
+        s_2 += g * x2
+        s_3 += g * x3
+    db = tl.sum(tl.sum(s_g, axis=2), axis=1)
+    # column W-1-j of dw takes the tap at shift j
+    dw = tl.where((cols == W - 1)[None, :], tl.sum(tl.sum(s_0, axis=2), axis=1)[:, None], 0.0)
+    dw += tl.where((cols == W - 2)[None, :], tl.sum(tl.sum(s_1, axis=2), axis=1)[:, None], 0.0)
+    dw += tl.where((cols == W - 3)[None, :], tl.sum(tl.sum(s_2, axis=2), axis=1)[:, None], 0.0)
+    dw += tl.where((cols == W - 4)[None, :], tl.sum(tl.sum(s_3, axis=2), axis=1)[:, None], 0.0)
+    tl.atomic_add(dw_ptr + offs_d[:, None] * W + cols[None, :], dw, mask=mask_d[:, None] & (cols < W)[None, :])
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + offs_d, db, mask=mask_d)
+
+
 def _blocks(x):
     """(channels, time steps, warps) per program; GENOMAMBA_CONV_BLOCKS="BD,BT,warps" overrides (tuning)."""
     if x.device.type != "cuda":
@@ -328,9 +463,16 @@ def conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_i
     dx = dx_out if dx_out is not None else torch.empty_like(x)
     dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else dw.new_empty(0)
-    g = torch.empty(x.shape, device=x.device, dtype=torch.float32) if silu else dout
     seq_arg, seq_stride = (seq, seq.stride(0)) if seq is not None else (w, 0)
     per = _grad_tiles_per_program(x, batch * grid[1], grid[2])
+    if os.environ.get("GENOMAMBA_CONV_BWD", "one_pass") == "one_pass":
+        _conv_bwd_kernel[(batch, grid[1], triton.cdiv(grid[2], per))](
+            x, w, bias if bias is not None else w, seq_arg, dout, dx, dw, db if bias is not None else dw, L, dim, W,
+            per, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), seq_stride,
+            BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, HAS_SEQ=seq is not None,
+            ACC=bool(accumulate), num_warps=warps)
+        return [dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db]
+    g = torch.empty(x.shape, device=x.device, dtype=torch.float32) if silu else dout
     _conv_grad_kernel[(batch, grid[1], triton.cdiv(grid[2], per))](
         x, w, bias if bias is not None else w, seq_arg, dout, g, dw, db if bias is not None else dw, L, dim, W, per,
         x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), seq_stride,
