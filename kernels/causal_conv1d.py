@@ -93,7 +93,8 @@ def _from_cols(c0, c1, c2, c3):
 
 @triton.jit
 def _shift(p0, p1, p2, p3, p4, p5, p6, p7, k: tl.constexpr):
-    """The tile whose column r is p[k + r], from 8 consecutive columns (two tiles' columns)."""
+    """The tile whose column r is p[k + r], from the 8 columns of two tiles one row apart (p0-p3
+    the earlier tile's, p4-p7 the later one's): the earlier tile shifted by k positions."""
     if k == 1:
         return _from_cols(p1, p2, p3, p4)
     elif k == 2:
@@ -104,159 +105,6 @@ def _shift(p0, p1, p2, p3, p4, p5, p6, p7, k: tl.constexpr):
         return _from_cols(p4, p5, p6, p7)
     else:
         return _from_cols(p0, p1, p2, p3)
-
-
-@triton.jit
-def _taps(x_ptr, row, md, t, L, REVERSE: tl.constexpr):
-    """The 4 conv taps of the (BD, BT / 4, 4) tile at positions t, x(t -/+ j) for j = 0..3, float32,
-    0 outside [0, L): two aligned tile loads (this tile, and the one a row earlier or later), the
-    shifted tiles rearranged from their columns (see _conv_dx_kernel)."""
-    if REVERSE:
-        t_nb = t + 4
-    else:
-        t_nb = t - 4
-    x_here = tl.load(x_ptr + row + t[None, :, :], mask=md & (t < L)[None, :, :], other=0.0).to(tl.float32)
-    x_nb = tl.load(x_ptr + row + t_nb[None, :, :], mask=md & ((t_nb >= 0) & (t_nb < L))[None, :, :],
-                   other=0.0).to(tl.float32)
-    a0, a1, a2, a3 = _cols(x_here)
-    b0, b1, b2, b3 = _cols(x_nb)
-    if REVERSE:  # x(t + j): column r + j of (this tile, next)
-        return (_shift(a0, a1, a2, a3, b0, b1, b2, b3, 0), _shift(a0, a1, a2, a3, b0, b1, b2, b3, 1),
-                _shift(a0, a1, a2, a3, b0, b1, b2, b3, 2), _shift(a0, a1, a2, a3, b0, b1, b2, b3, 3))
-    # x(t - j): column 4 + r - j of (previous tile, this one)
-    return (_shift(b0, b1, b2, b3, a0, a1, a2, a3, 4), _shift(b0, b1, b2, b3, a0, a1, a2, a3, 3),
-            _shift(b0, b1, b2, b3, a0, a1, a2, a3, 2), _shift(b0, b1, b2, b3, a0, a1, a2, a3, 1))
-
-
-@triton.jit
-def _tap_ok(seq_ptr, s_seq_b, pid_b, t, seq_t, j: tl.constexpr, L, REVERSE: tl.constexpr):
-    """(1, R, 4): tap j of position t reads the same sequence (packed windows)."""
-    if REVERSE:
-        src = t + j
-    else:
-        src = t - j
-    ok = (src >= 0) & (src < L)
-    return (tl.load(seq_ptr + pid_b * s_seq_b + src, mask=ok, other=-1) == seq_t)[None, :, :]
-
-
-@triton.jit
-def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, g_ptr, dw_ptr, db_ptr, L, DIM, W, TILES_PER_PROG,
-                      s_x_b, s_x_d, s_do_b, s_do_d, s_g_b, s_g_d, s_seq_b,
-                      BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                      REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Backward pass 1: g = dL/d(pre-activation) (dout * silu'(pre), written in float32 when SILU so
-    that pass 2 reads it at W shifts instead of recomputing the conv), and dw, dbias from the same
-    taps. The program walks TILES_PER_PROG time tiles, so dw and dbias are summed in registers and
-    added atomically once per program. Widths up to 4 (the taps are four register tiles, built
-    from two aligned loads: see _taps). Tiles are (BD, BT / 4, 4) as in _conv_dx_kernel."""
-    R: tl.constexpr = BT // 4
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
-    mask_d = offs_d < DIM
-    md = mask_d[:, None, None]
-    row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
-    cols = tl.arange(0, 4)
-    # weight of tap j is w[:, W-1-j]; taps j >= W get weight 0 (tensor tests in the masks: the
-    # interpreter takes no scalar one)
-    w0 = tl.load(w_ptr + offs_d * W + (W - 1), mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
-    w1 = tl.load(w_ptr + offs_d * W + (W - 2), mask=mask_d & (offs_d * 0 + 1 < W), other=0.0).to(tl.float32)[:, None, None]
-    w2 = tl.load(w_ptr + offs_d * W + (W - 3), mask=mask_d & (offs_d * 0 + 2 < W), other=0.0).to(tl.float32)[:, None, None]
-    w3 = tl.load(w_ptr + offs_d * W + (W - 4), mask=mask_d & (offs_d * 0 + 3 < W), other=0.0).to(tl.float32)[:, None, None]
-    # per-element partial sums of g and g x tap_j, reduced once after the loop (a reduction per
-    # tile would cross warps: shared memory and barriers every iteration)
-    s_g = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_0 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_1 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_2 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_3 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
-    k_first = tl.program_id(2).to(tl.int64) * TILES_PER_PROG
-    for i in range(0, TILES_PER_PROG):
-        t = ((k_first + i) * BT + 4 * tl.arange(0, R)[:, None] + tl.arange(0, 4)[None, :]).to(tl.int64)  # (R, 4)
-        in_t = t < L
-        m = md & in_t[None, :, :]
-        x0, x1, x2, x3 = _taps(x_ptr, row, md, t, L, REVERSE)
-        if HAS_SEQ:
-            seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
-            x1 = tl.where(_tap_ok(seq_ptr, s_seq_b, pid_b, t, seq_t, 1, L, REVERSE), x1, 0.0)
-            x2 = tl.where(_tap_ok(seq_ptr, s_seq_b, pid_b, t, seq_t, 2, L, REVERSE), x2, 0.0)
-            x3 = tl.where(_tap_ok(seq_ptr, s_seq_b, pid_b, t, seq_t, 3, L, REVERSE), x3, 0.0)
-        g = tl.load(dout_ptr + pid_b * s_do_b + offs_d[:, None, None] * s_do_d + t[None, :, :], mask=m,
-                    other=0.0).to(tl.float32)
-        if SILU:
-            pre = w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
-            if HAS_BIAS:
-                pre += bias
-            sig = tl.sigmoid(pre)
-            g = g * sig * (1.0 + pre * (1.0 - sig))
-            tl.store(g_ptr + pid_b * s_g_b + offs_d[:, None, None] * s_g_d + t[None, :, :], g, mask=m)
-        s_g += g
-        s_0 += g * x0
-        s_1 += g * x1
-        s_2 += g * x2
-        s_3 += g * x3
-    db = tl.sum(tl.sum(s_g, axis=2), axis=1)
-    # column W-1-j of dw takes the tap at shift j
-    dw = tl.where((cols == W - 1)[None, :], tl.sum(tl.sum(s_0, axis=2), axis=1)[:, None], 0.0)
-    dw += tl.where((cols == W - 2)[None, :], tl.sum(tl.sum(s_1, axis=2), axis=1)[:, None], 0.0)
-    dw += tl.where((cols == W - 3)[None, :], tl.sum(tl.sum(s_2, axis=2), axis=1)[:, None], 0.0)
-    dw += tl.where((cols == W - 4)[None, :], tl.sum(tl.sum(s_3, axis=2), axis=1)[:, None], 0.0)
-    tl.atomic_add(dw_ptr + offs_d[:, None] * W + cols[None, :], dw, mask=mask_d[:, None] & (cols < W)[None, :])
-    if HAS_BIAS:
-        tl.atomic_add(db_ptr + offs_d, db, mask=mask_d)
-
-
-@triton.jit
-def _conv_dx_kernel(w_ptr, seq_ptr, g_ptr, dx_ptr, L, DIM, W, s_g_b, s_g_d, s_dx_b, s_dx_d, s_seq_b,
-                    WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
-                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr):
-    """Backward pass 2: dx(t) = sum_k w_k g(t +/- j), j = W-1-k, over the outputs whose tap k read
-    x(t) from the same sequence (the mirrored conv of g). ACC: added to what dx holds.
-
-    The tile is (BD, BT / 4, 4): position t0 + 4 i + r at row i, column r. g is read as two such
-    tiles, this one and its neighbour one row later (earlier when REVERSE), with aligned vector
-    loads; the shifted tiles g(t +/- j) are then rearranged from their columns in registers. (Four
-    loads at unaligned shifts were scalar: the kernel was bound by L1 at 1.1 TB/s.)"""
-    R: tl.constexpr = BT // 4
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
-    mask_d = offs_d < DIM
-    t = (tl.program_id(2) * BT + 4 * tl.arange(0, R)[:, None] + tl.arange(0, 4)[None, :]).to(tl.int64)  # (R, 4)
-    if REVERSE:
-        t_nb = t - 4
-    else:
-        t_nb = t + 4
-    in_t = t < L
-    md = mask_d[:, None, None]
-    grow = pid_b * s_g_b + offs_d[:, None, None] * s_g_d
-    g0 = tl.load(g_ptr + grow + t[None, :, :], mask=md & in_t[None, :, :], other=0.0).to(tl.float32)
-    g1 = tl.load(g_ptr + grow + t_nb[None, :, :], mask=md & ((t_nb >= 0) & (t_nb < L))[None, :, :],
-                 other=0.0).to(tl.float32)
-    a0, a1, a2, a3 = _cols(g0)
-    b0, b1, b2, b3 = _cols(g1)
-    if HAS_SEQ:
-        seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
-    dx = tl.zeros((BD, R, 4), dtype=tl.float32)
-    for j in tl.static_range(WP):
-        if j < W:
-            if REVERSE:  # column r of g(t - j) is column 4 + r - j of (previous tile, this tile)
-                gj = _shift(b0, b1, b2, b3, a0, a1, a2, a3, 4 - j)
-                tt = t - j
-            else:        # column r of g(t + j) is column r + j of (this tile, next tile)
-                gj = _shift(a0, a1, a2, a3, b0, b1, b2, b3, j)
-                tt = t + j
-            if HAS_SEQ:
-                ok = (tt >= 0) & (tt < L)
-                s_tt = tl.load(seq_ptr + pid_b * s_seq_b + tt, mask=ok, other=-3)
-                gj = tl.where((s_tt == seq_t)[None, :, :], gj, 0.0)
-            wk = tl.load(w_ptr + offs_d * W + (W - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-            dx += wk[:, None, None] * gj
-    dx_off = pid_b * s_dx_b + offs_d[:, None, None] * s_dx_d + t[None, :, :]
-    m = md & in_t[None, :, :]
-    if ACC:
-        dx += tl.load(dx_ptr + dx_off, mask=m, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -403,7 +251,7 @@ def _blocks(x):
 
 
 def _grad_tiles_per_program(x, n_rows, n_tiles):
-    """Time tiles walked by one program of backward pass 1: enough programs to fill the GPU (~8 per
+    """Time tiles walked by one program of the backward: enough programs to fill the GPU (~8 per
     SM) and as few atomic additions of dw / dbias as that allows. 2 on the CPU (tests cover the loop)."""
     if x.device.type != "cuda":
         return 2
@@ -450,7 +298,7 @@ def _(x, weight, bias, seq_idx, silu, reverse):
 
 def conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
              reverse: bool, dx_out: Tensor | None = None, accumulate: bool = False) -> list[Tensor]:
-    """The backward launches: [dx, dweight, dbias (empty without bias)]. dx_out (like x, last dim
+    """The backward launch: [dx, dweight, dbias (empty without bias)]. dx_out (like x, last dim
     contiguous): where dx is written; with accumulate, dx is added to what it holds (one input
     read by two convs, as in a bidirectional block)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -465,23 +313,11 @@ def conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_i
     db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else dw.new_empty(0)
     seq_arg, seq_stride = (seq, seq.stride(0)) if seq is not None else (w, 0)
     per = _grad_tiles_per_program(x, batch * grid[1], grid[2])
-    if os.environ.get("GENOMAMBA_CONV_BWD", "one_pass") == "one_pass":
-        _conv_bwd_kernel[(batch, grid[1], triton.cdiv(grid[2], per))](
-            x, w, bias if bias is not None else w, seq_arg, dout, dx, dw, db if bias is not None else dw, L, dim, W,
-            per, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), seq_stride,
-            BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, HAS_SEQ=seq is not None,
-            ACC=bool(accumulate), num_warps=warps)
-        return [dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db]
-    g = torch.empty(x.shape, device=x.device, dtype=torch.float32) if silu else dout
-    _conv_grad_kernel[(batch, grid[1], triton.cdiv(grid[2], per))](
-        x, w, bias if bias is not None else w, seq_arg, dout, g, dw, db if bias is not None else dw, L, dim, W, per,
-        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), g.stride(0), g.stride(1), seq_stride,
+    _conv_bwd_kernel[(batch, grid[1], triton.cdiv(grid[2], per))](
+        x, w, bias if bias is not None else w, seq_arg, dout, dx, dw, db if bias is not None else dw, L, dim, W,
+        per, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), seq_stride,
         BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, HAS_SEQ=seq is not None,
-        num_warps=warps)
-    _conv_dx_kernel[grid](
-        w, seq_arg, g, dx, L, dim, W, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1), seq_stride,
-        WP=triton.next_power_of_2(W), BD=BD, BT=BT, REVERSE=reverse, HAS_SEQ=seq is not None, ACC=bool(accumulate),
-        num_warps=warps)
+        ACC=bool(accumulate), num_warps=warps)
     return [dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db]
 
 

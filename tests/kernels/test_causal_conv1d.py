@@ -47,7 +47,7 @@ def test_conv_matches_reference(reverse, packed, act, width, bias):
 
 @pytest.mark.parametrize("reverse,act,width", [(False, "silu", 4), (True, "silu", 4), (False, None, 3), (True, None, 2)])
 def test_conv_backward_over_many_programs(reverse, act, width):
-    """L = 83 is 6 time tiles of 16 (the CPU block), 2 per program of backward pass 1: 3 programs,
+    """L = 83 is 6 time tiles of 16 (the CPU block), 2 per program of the backward: 3 programs,
     the last one half past the end; sequence boundaries fall inside and across tiles."""
     batch, dim, L = 2, 5, 83
     x, w, b = torch.randn(batch, dim, L), torch.randn(dim, width), torch.randn(dim)
