@@ -2,6 +2,7 @@
 
     python -m genomamba_kernels.bench            # correctness, then the DESIGN.md shapes
     python -m genomamba_kernels.bench --quick    # correctness and the two smallest shapes
+    python -m genomamba_kernels.bench --conv     # correctness, then the conv1d timings
 
 Prints one table: shape, forward ms, forward+backward ms, achieved GB/s of the minimal bytes,
 exponentials per second, and the ratio to mamba_ssm (measured live when mamba_ssm is importable,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -88,18 +90,53 @@ def check_small(dtype, tol):
     return worst
 
 
-def check_conv(dtype, tol):
-    x = torch.randn(2, 256, 3000, device="cuda", dtype=dtype, requires_grad=True)
-    w = torch.randn(256, 4, device="cuda", requires_grad=True)
-    b = torch.randn(256, device="cuda", requires_grad=True)
-    for rev in (False, True):
-        out = causal_conv1d(x, w, b, activation="silu", reverse=rev)
-        ref = causal_conv1d_ref(x.detach().double(), w.detach().double(), b.detach().double(), "silu",
-                                reverse=rev, dtype=torch.float64)
-        e = rel(out, ref)
-        print(f"  check conv1d {str(dtype)} reverse={rev}: rel err {e:.2e}")
-        if not e < tol:
-            sys.exit("conv1d correctness check failed")
+def check_conv(dtype, tol, dim=256, L=3001, device="cuda"):
+    """conv1d forward and every gradient (x, weight, bias) vs autograd through the float64
+    reference: forward / reverse, packed sequences or not, widths 3 and 4."""
+    worst = 0.0
+    for rev, packed, width in itertools.product((False, True), (False, True), (4, 3)):
+        x = torch.randn(2, dim, L, device=device, dtype=dtype)
+        w, b = torch.randn(dim, width, device=device), torch.randn(dim, device=device)
+        seq = None
+        if packed:  # boundaries inside and across tiles, one 2 positions before the end
+            seq = torch.zeros(2, L, dtype=torch.int32, device=device)
+            seq[:, L // 3:], seq[:, L // 3 + 3:], seq[1, L - 2:] = 1, 2, 3
+        ours = [t.clone().requires_grad_() for t in (x, w, b)]
+        ref = [t.double().requires_grad_() for t in (x, w, b)]
+        out = causal_conv1d(*ours, seq_idx=seq, activation="silu", reverse=rev)
+        out_ref = causal_conv1d_ref(*ref, activation="silu", seq_idx=seq, reverse=rev, dtype=torch.float64)
+        g = torch.randn_like(out_ref)
+        (out.double() * g).sum().backward()
+        (out_ref * g).sum().backward()
+        worst = max([worst, rel(out, out_ref)] + [rel(p.grad, q.grad) for p, q in zip(ours, ref)])
+    print(f"  check conv1d {str(dtype)} (out, dx, dw, dbias; reverse, packed, widths 3/4): max rel err {worst:.2e}")
+    if not worst < tol:
+        sys.exit("conv1d correctness check failed")
+
+
+CONV_SHAPES = [(8, 1536, 2048), (1, 512, 131072), (1, 1536, 131072), (1, 512, 1048576)]
+
+
+def time_conv(do_bench, shapes=None, device="cuda"):
+    """conv1d (width 4, SiLU, bias, bf16) forward and backward medians; GB/s of the minimal bytes
+    (forward: read x, write out; backward: read x and dout, write dx)."""
+    from .causal_conv1d import _conv_fwd, conv_bwd
+
+    print("\n| conv1d shape (B, D, L) | fwd us | bwd us | bwd reverse=True us | fwd GB/s | bwd GB/s |")
+    print("|---|---|---|---|---|---|")
+    for batch, dim, L in shapes or CONV_SHAPES:
+        x = torch.randn(batch, dim, L, device=device, dtype=torch.bfloat16)
+        dout = torch.randn_like(x)
+        w, b = torch.randn(dim, 4, device=device), torch.randn(dim, device=device)
+        fwd = do_bench(lambda: _conv_fwd(x, w, b, None, True, False))
+        bwd = do_bench(lambda: conv_bwd(dout, x, w, b, None, True, False))
+        bwd_rev = do_bench(lambda: conv_bwd(dout, x, w, b, None, True, True))
+        nbytes = x.numel() * x.element_size()
+        print(f"| {(batch, dim, L)} | {fwd * 1e3:.1f} | {bwd * 1e3:.1f} | {bwd_rev * 1e3:.1f} | "
+              f"{2 * nbytes / fwd / 1e6:.0f} | {3 * nbytes / bwd / 1e6:.0f} |")
+        del x, dout
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def check_long(dim=1536, L=1 << 20):
@@ -199,6 +236,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--profile", action="store_true",
                     help="per-kernel GPU time of one forward+backward on each shape (torch.profiler)")
+    ap.add_argument("--conv", action="store_true", help="instead of the scan table: the conv1d timings")
     ap.add_argument("--sweep", default=None,
                     help="tile configs 'T,BD,BD_BWD,warps,warps_bwd;...' timed on --shapes before the table")
     args = ap.parse_args(argv)
@@ -220,6 +258,9 @@ def main(argv=None):
         torch.cuda.empty_cache()
         check_long_grad()
         torch.cuda.empty_cache()
+    if args.conv:
+        time_conv(do_bench)
+        return
     shapes = SHAPES[:2] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
