@@ -20,59 +20,6 @@ from .selective_scan import _target_programs, resolve_backend
 
 
 @triton.jit
-def _tap(x_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, j, L,
-         REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """x at t - j (causal) or t + j (reverse), zero outside [0, L) or across a sequence boundary."""
-    if REVERSE:
-        src = t + j
-    else:
-        src = t - j
-    ok = (src >= 0) & (src < L)
-    if HAS_SEQ:
-        s_src = tl.load(seq_ptr + pid_b * s_seq_b + src, mask=ok, other=-1)
-        ok = ok & (s_src == seq_t)
-    return tl.load(x_ptr + row + src[None, :], mask=mask_d[:, None] & ok[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _conv_pre(x_ptr, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, L, W,
-              WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
-              HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Pre-activation conv output at positions t, (BD, BT), float32."""
-    if HAS_SEQ:
-        seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=(t >= 0) & (t < L), other=-2)
-    else:
-        seq_t = t
-    acc = tl.zeros((BD, BT), dtype=tl.float32)
-    for k in tl.static_range(WP):
-        if k < W:
-            wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
-            acc += wk[:, None] * _tap(x_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, seq_t, W - 1 - k, L,
-                                      REVERSE, HAS_SEQ)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-    return acc
-
-
-@triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, L, DIM, W,
-                     s_x_b, s_x_d, s_o_b, s_o_d, s_seq_b,
-                     WP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
-    t = (tl.program_id(2) * BT + tl.arange(0, BT)).to(tl.int64)
-    mask_d = offs_d < DIM
-    row = pid_b * s_x_b + offs_d[:, None] * s_x_d
-    acc = _conv_pre(x_ptr, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, row, offs_d, mask_d, t, L, W,
-                    WP, BD, BT, HAS_BIAS, REVERSE, HAS_SEQ)
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
-    tl.store(out_ptr + pid_b * s_o_b + offs_d[:, None] * s_o_d + t[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_d[:, None] & (t < L)[None, :])
-
-
-@triton.jit
 def _cols(G):
     """(BD, R, 4) -> its 4 columns, each (BD, R): position 4 i + r of the tile is column r, row i."""
     BD: tl.constexpr = G.shape[0]
@@ -115,11 +62,10 @@ def _same_seq(seq_ptr, s_seq_b, pid_b, src, seq_at, L):
 
 
 @triton.jit
-def _silu_grad_at(x_lo, x_hi, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, P, L, w0, w1, w2, w3, bias,
-                  HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """g = dL/d(pre-activation) at the (BD, R, 4) positions P, and P's four taps, from the x tiles
-    x_lo (one row before x_hi): P is x_hi's positions (causal, taps x(P - j)) or x_lo's (REVERSE,
-    taps x(P + j)). 0 outside [0, L)."""
+def _tile_taps(x_lo, x_hi, seq_ptr, s_seq_b, pid_b, P, L, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The four taps x(P -/+ j), j = 0..3, of the (BD, R, 4) positions P, from the x tiles x_lo
+    and x_hi one row apart: P is x_hi's positions (causal, taps x(P - j)) or x_lo's (REVERSE,
+    taps x(P + j)). A tap across a sequence boundary is 0."""
     l0, l1, l2, l3 = _cols(x_lo)
     h0, h1, h2, h3 = _cols(x_hi)
     if REVERSE:
@@ -139,6 +85,70 @@ def _silu_grad_at(x_lo, x_hi, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, P, 
         x1 = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, P + step, seq_p, L), x1, 0.0)
         x2 = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, P + 2 * step, seq_p, L), x2, 0.0)
         x3 = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, P + 3 * step, seq_p, L), x3, 0.0)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _tap_weights(w_ptr, offs_d, mask_d, W):
+    """Weight of tap j, w[:, W-1-j], as (BD, 1, 1) float32; taps j >= W get 0 (tensor tests in the
+    masks: the interpreter takes no scalar one)."""
+    w0 = tl.load(w_ptr + offs_d * W + (W - 1), mask=mask_d, other=0.0)
+    w1 = tl.load(w_ptr + offs_d * W + (W - 2), mask=mask_d & (offs_d * 0 + 1 < W), other=0.0)
+    w2 = tl.load(w_ptr + offs_d * W + (W - 3), mask=mask_d & (offs_d * 0 + 2 < W), other=0.0)
+    w3 = tl.load(w_ptr + offs_d * W + (W - 4), mask=mask_d & (offs_d * 0 + 3 < W), other=0.0)
+    return (w0.to(tl.float32)[:, None, None], w1.to(tl.float32)[:, None, None], w2.to(tl.float32)[:, None, None],
+            w3.to(tl.float32)[:, None, None])
+
+
+@triton.jit
+def _tile_positions(k, L, BT: tl.constexpr):
+    """(BT / 4, 4) positions of time tile k: t0 + 4 i + r at row i, column r."""
+    R: tl.constexpr = BT // 4
+    return (k * BT + 4 * tl.arange(0, R)[:, None] + tl.arange(0, 4)[None, :]).to(tl.int64)
+
+
+@triton.jit
+def _load_rows(x_ptr, row, md, t, L):
+    """x at the (R, 4) positions t of the rows `row`, float32, 0 outside [0, L)."""
+    return tl.load(x_ptr + row + t[None, :, :], mask=md & ((t >= 0) & (t < L))[None, :, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, L, DIM, W,
+                     s_x_b, s_x_d, s_o_b, s_o_d, s_seq_b,
+                     BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """out = silu(conv(x) + bias) on a (BD, BT / 4, 4) tile: x read as two row-aligned tiles (this
+    one and the one a row earlier, later when REVERSE), the taps shifted in registers."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
+    mask_d = offs_d < DIM
+    md = mask_d[:, None, None]
+    row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
+    t = _tile_positions(tl.program_id(2).to(tl.int64), L, BT)
+    x_here = _load_rows(x_ptr, row, md, t, L)
+    if REVERSE:
+        x0, x1, x2, x3 = _tile_taps(x_here, _load_rows(x_ptr, row, md, t + 4, L), seq_ptr, s_seq_b, pid_b, t, L,
+                                    REVERSE, HAS_SEQ)
+    else:
+        x0, x1, x2, x3 = _tile_taps(_load_rows(x_ptr, row, md, t - 4, L), x_here, seq_ptr, s_seq_b, pid_b, t, L,
+                                    REVERSE, HAS_SEQ)
+    w0, w1, w2, w3 = _tap_weights(w_ptr, offs_d, mask_d, W)
+    acc = w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + pid_b * s_o_b + offs_d[:, None, None] * s_o_d + t[None, :, :],
+             acc.to(out_ptr.dtype.element_ty), mask=md & (t < L)[None, :, :])
+
+
+@triton.jit
+def _silu_grad_at(x_lo, x_hi, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, P, L, w0, w1, w2, w3, bias,
+                  HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """g = dL/d(pre-activation) at the (BD, R, 4) positions P (see _tile_taps for x_lo / x_hi),
+    and P's four taps. 0 outside [0, L)."""
+    x0, x1, x2, x3 = _tile_taps(x_lo, x_hi, seq_ptr, s_seq_b, pid_b, P, L, REVERSE, HAS_SEQ)
     g = tl.load(dout_ptr + do_row + P[None, :, :], mask=md & ((P >= 0) & (P < L))[None, :, :],
                 other=0.0).to(tl.float32)
     if SILU:
@@ -170,12 +180,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
     row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
     do_row = pid_b * s_do_b + offs_d[:, None, None] * s_do_d
     cols = tl.arange(0, 4)
-    # weight of tap j is w[:, W-1-j]; taps j >= W get weight 0 (tensor tests in the masks: the
-    # interpreter takes no scalar one)
-    w0 = tl.load(w_ptr + offs_d * W + (W - 1), mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
-    w1 = tl.load(w_ptr + offs_d * W + (W - 2), mask=mask_d & (offs_d * 0 + 1 < W), other=0.0).to(tl.float32)[:, None, None]
-    w2 = tl.load(w_ptr + offs_d * W + (W - 3), mask=mask_d & (offs_d * 0 + 2 < W), other=0.0).to(tl.float32)[:, None, None]
-    w3 = tl.load(w_ptr + offs_d * W + (W - 4), mask=mask_d & (offs_d * 0 + 3 < W), other=0.0).to(tl.float32)[:, None, None]
+    w0, w1, w2, w3 = _tap_weights(w_ptr, offs_d, mask_d, W)
     bias = w0
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
@@ -186,13 +191,12 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
     s_3 = tl.zeros((BD, R, 4), dtype=tl.float32)
     k_first = tl.program_id(2).to(tl.int64) * TILES_PER_PROG
     for i in range(0, TILES_PER_PROG):
-        t = ((k_first + i) * BT + 4 * tl.arange(0, R)[:, None] + tl.arange(0, 4)[None, :]).to(tl.int64)  # (R, 4)
+        t = _tile_positions(k_first + i, L, BT)
         in_t = t < L
         m = md & in_t[None, :, :]
-        x_prev = tl.load(x_ptr + row + (t - 4)[None, :, :], mask=md & ((t >= 4) & (t - 4 < L))[None, :, :], other=0.0)
-        x_here = tl.load(x_ptr + row + t[None, :, :], mask=m, other=0.0)
-        x_next = tl.load(x_ptr + row + (t + 4)[None, :, :], mask=md & (t + 4 < L)[None, :, :], other=0.0)
-        x_prev, x_here, x_next = x_prev.to(tl.float32), x_here.to(tl.float32), x_next.to(tl.float32)
+        x_prev = _load_rows(x_ptr, row, md, t - 4, L)
+        x_here = _load_rows(x_ptr, row, md, t, L)
+        x_next = _load_rows(x_ptr, row, md, t + 4, L)
         if REVERSE:   # g here from (here, next); the other g one row earlier, from (prev, here)
             g, x0, x1, x2, x3 = _silu_grad_at(x_here, x_next, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, t, L,
                                               w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
@@ -280,8 +284,8 @@ def _conv_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | 
     _conv_fwd_kernel[grid](
         x, w, bias if bias is not None else w, seq if seq is not None else w, out, L, dim, W,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), seq.stride(0) if seq is not None else 0,
-        WP=triton.next_power_of_2(W), BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu,
-        REVERSE=reverse, HAS_SEQ=seq is not None, num_warps=warps)
+        BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, HAS_SEQ=seq is not None,
+        num_warps=warps)
     return out
 
 
