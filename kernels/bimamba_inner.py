@@ -32,25 +32,33 @@ def _project(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w.unsqueeze(0).expand(x.shape[0], -1, -1), x)
 
 
+def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backward):
+    """Both directions' forward: y, and per direction what the backward needs (conv output,
+    x_proj output, dt, per-tile states or an empty tensor) when for_backward."""
+    d = xz.shape[1] // 2
+    xi, z = xz[:, :d], xz[:, d:]
+    saved, y = [], None
+    for i, (reverse, recompute) in enumerate(((False, recompute_fwd), (True, recompute_rev))):
+        cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
+        nstate, rank = A_log.shape[1], wdt.shape[1]
+        xc = _conv_fwd(xi, cw, cb, seq_idx, True, reverse)
+        xdbl = _project(wx, xc)                                       # (batch, R + 2N, L)
+        dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
+        dt = _project(wdt, dtl)                                       # (batch, d_inner, L)
+        y, _, tiles, _ = selective_scan_triton_fwd(
+            xc, dt, -torch.exp(A_log.float()), B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
+            save_tile_states=for_backward and not recompute, out_add=y)
+        if for_backward:
+            saved += [xc, xdbl, dt, tiles if tiles is not None else xz.new_empty(0, dtype=torch.float32)]
+    return y, saved
+
+
 class _BiMambaInner(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, seq_idx, recompute_fwd, recompute_rev, *params):
-        d = xz.shape[1] // 2
-        xi, z = xz[:, :d], xz[:, d:]
-        saved, y = [], None
-        for i, (reverse, recompute) in enumerate(((False, recompute_fwd), (True, recompute_rev))):
-            cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
-            nstate, rank = A_log.shape[1], wdt.shape[1]
-            xc = _conv_fwd(xi, cw, cb, seq_idx, True, reverse)
-            xdbl = _project(wx, xc)                                       # (batch, R + 2N, L)
-            dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
-            dt = _project(wdt, dtl)                                       # (batch, d_inner, L)
-            y, _, tiles, _ = selective_scan_triton_fwd(
-                xc, dt, -torch.exp(A_log.float()), B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
-                save_tile_states=not recompute, out_add=y)
-            saved += [xc, xdbl, dt, tiles if tiles is not None else xz.new_empty(0, dtype=torch.float32)]
+        y, saved = _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, True)
         ctx.save_for_backward(xz, seq_idx, *saved, *params)
-        ctx.d = d
+        ctx.d = xz.shape[1] // 2
         return y
 
     @staticmethod
@@ -108,4 +116,7 @@ def bimamba_inner(xz: torch.Tensor, fwd_params, rev_params, seq_idx: torch.Tenso
     if xz.dim() != 3 or xz.shape[1] % 2 or xz.stride(-1) != 1:
         raise ValueError(f"xz must be (batch, 2*d_inner, L) with L contiguous, got {tuple(xz.shape)}")
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-    return _BiMambaInner.apply(xz, seq, bool(recompute_fwd), bool(recompute_rev), *fwd_params, *rev_params)
+    params = (*fwd_params, *rev_params)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (xz, *params))):
+        return _inner_forward(xz, seq, False, False, params, False)[0]   # nothing to keep for a backward
+    return _BiMambaInner.apply(xz, seq, bool(recompute_fwd), bool(recompute_rev), *params)

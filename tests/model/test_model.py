@@ -292,6 +292,20 @@ def test_joint_mixer_backward_equals_separate_nodes(monkeypatch, ckpt):
     assert g_mod["layers.0.mixer.mixer.rev.A_log"].abs().max() > 0  # the comparison is not of zeros
 
 
+def test_joint_mixer_without_gradients_builds_no_node(monkeypatch):
+    """Grad mode on but nothing requiring a gradient (a frozen model): bimamba_inner runs its
+    forward without the autograd node (no per-tile states kept), with the same output."""
+    monkeypatch.setenv("GENOMAMBA_SCAN_BACKEND", "triton")
+    torch.manual_seed(0)
+    mixer = BiMambaModel(BiMambaConfig(d_model=8, n_layer=1, d_state=4)).layers[0].mixer.mixer
+    x = torch.randn(1, 12, 8)
+    tracked = mixer(x)
+    assert any("BiMambaInner" in n for n in _graph_names(tracked))
+    mixer.requires_grad_(False)
+    frozen = mixer(x)
+    assert frozen.grad_fn is None and torch.equal(frozen, tracked.detach())
+
+
 def test_joint_mixer_rejects_bad_arguments():
     from genomamba_kernels import bimamba_inner
 
