@@ -247,11 +247,17 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
 
 
 def _blocks(x):
-    """(channels, time steps, warps) per program; GENOMAMBA_CONV_BLOCKS="BD,BT,warps" overrides (tuning)."""
+    """(channels, time steps, warps) per program; GENOMAMBA_CONV_BLOCKS="BD,BT,warps" overrides (tuning).
+    Both block sizes are powers of two, BT at least 8 (tiles of BT / 4 rows of 4 positions)."""
     if x.device.type != "cuda":
         return (4, 16, 1)
     override = os.environ.get("GENOMAMBA_CONV_BLOCKS")
-    return tuple(int(v) for v in override.split(",")) if override else (4, 256, 4)
+    if not override:
+        return (4, 256, 4)
+    bd, bt, warps = (int(v) for v in override.split(","))
+    if bd & (bd - 1) or bt & (bt - 1) or bt < 8:
+        raise ValueError(f"GENOMAMBA_CONV_BLOCKS={override!r}: BD and BT must be powers of two, BT >= 8")
+    return bd, bt, warps
 
 
 def _grad_tiles_per_program(x, n_rows, n_tiles):
