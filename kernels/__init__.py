@@ -1,4 +1,5 @@
-"""genomamba_kernels: fused selective scan, causal conv1d and residual add + RMSNorm in Triton, with PyTorch references.
+"""genomamba_kernels: fused selective scan, causal conv1d, residual add + RMSNorm and the
+bidirectional mixer core (bimamba_inner) in Triton, with PyTorch references.
 
 Installed from the repository folder `kernels/` under the import name `genomamba_kernels` (a
 top-level `kernels` module belongs to another package). It imports nothing from `genomamba`.
