@@ -101,7 +101,7 @@ def _tap_weights(w_ptr, offs_d, mask_d, W):
 
 
 @triton.jit
-def _tile_positions(k, L, BT: tl.constexpr):
+def _tile_positions(k, BT: tl.constexpr):
     """(BT / 4, 4) positions of time tile k: t0 + 4 i + r at row i, column r."""
     R: tl.constexpr = BT // 4
     return (k * BT + 4 * tl.arange(0, R)[:, None] + tl.arange(0, 4)[None, :]).to(tl.int64)
@@ -125,7 +125,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, L, DIM, W,
     mask_d = offs_d < DIM
     md = mask_d[:, None, None]
     row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
-    t = _tile_positions(tl.program_id(2).to(tl.int64), L, BT)
+    t = _tile_positions(tl.program_id(2).to(tl.int64), BT)
     x_here = _load_rows(x_ptr, row, md, t, L)
     if REVERSE:
         x0, x1, x2, x3 = _tile_taps(x_here, _load_rows(x_ptr, row, md, t + 4, L), seq_ptr, s_seq_b, pid_b, t, L,
@@ -181,7 +181,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
     do_row = pid_b * s_do_b + offs_d[:, None, None] * s_do_d
     cols = tl.arange(0, 4)
     w0, w1, w2, w3 = _tap_weights(w_ptr, offs_d, mask_d, W)
-    bias = w0
+    bias = w0  # a placeholder the kernel does not read without HAS_BIAS
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
     s_g = tl.zeros((BD, R, 4), dtype=tl.float32)
@@ -191,7 +191,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
     s_3 = tl.zeros((BD, R, 4), dtype=tl.float32)
     k_first = tl.program_id(2).to(tl.int64) * TILES_PER_PROG
     for i in range(0, TILES_PER_PROG):
-        t = _tile_positions(k_first + i, L, BT)
+        t = _tile_positions(k_first + i, BT)
         in_t = t < L
         m = md & in_t[None, :, :]
         x_prev = _load_rows(x_ptr, row, md, t - 4, L)
