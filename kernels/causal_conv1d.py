@@ -181,7 +181,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
     do_row = pid_b * s_do_b + offs_d[:, None, None] * s_do_d
     cols = tl.arange(0, 4)
     w0, w1, w2, w3 = _tap_weights(w_ptr, offs_d, mask_d, W)
-    bias = w0  # a placeholder the kernel does not read without HAS_BIAS
+    bias = tl.zeros((BD, 1, 1), dtype=tl.float32)  # no bias: 0
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
     s_g = tl.zeros((BD, R, 4), dtype=tl.float32)
