@@ -27,9 +27,9 @@ def add_rms_norm_ref(x, residual, weight, eps: float, out_dtype=None, residual_d
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, rstd_ptr, M, N, eps,
-                s_x, s_res, s_y, s_r, BM: tl.constexpr, BN: tl.constexpr, HAS_RES: tl.constexpr,
-                WRITE_R: tl.constexpr):
+def _add_rms_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, rstd_ptr, M, N, eps,
+                             s_x, s_res, s_y, s_r, BM: tl.constexpr, BN: tl.constexpr, HAS_RES: tl.constexpr,
+                             WRITE_R: tl.constexpr):
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     cols = tl.arange(0, BN)
     mask_m = rows < M
@@ -49,9 +49,9 @@ def _fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, rstd_ptr, M, N, eps,
 
 
 @triton.jit
-def _bwd_kernel(dy_ptr, dro_ptr, r_ptr, w_ptr, rstd_ptr, dx_ptr, dres_ptr, dw_ptr, M, N, ROWS_PER_PROG,
-                s_dy, s_dro, s_r, s_dx, s_dres, BM: tl.constexpr, BN: tl.constexpr,
-                HAS_DRO: tl.constexpr, HAS_RES: tl.constexpr):
+def _add_rms_norm_bwd_kernel(dy_ptr, dro_ptr, r_ptr, w_ptr, rstd_ptr, dx_ptr, dres_ptr, dw_ptr, M, N,
+                             ROWS_PER_PROG, s_dy, s_dro, s_r, s_dx, s_dres, BM: tl.constexpr, BN: tl.constexpr,
+                             HAS_DRO: tl.constexpr, HAS_RES: tl.constexpr):
     """dr = rstd * (dy*w - rhat * mean(dy*w*rhat)) (+ the residual's own gradient), written to dx
     and dres; this program's rows' share of dw goes to row program_id of dw (summed afterwards)."""
     pid = tl.program_id(0)
@@ -108,7 +108,7 @@ class _AddRMSNorm(torch.autograd.Function):
         r = x2 if norm_only else torch.empty(M, N, device=x.device, dtype=residual_dtype)
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
         bm, bn, warps = _block_rows(N)
-        _fwd_kernel[(triton.cdiv(M, bm),)](
+        _add_rms_norm_fwd_kernel[(triton.cdiv(M, bm),)](
             x2, res2 if res2 is not None else x2, weight, y, r, rstd, M, N, eps,
             x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), r.stride(0),
             BM=bm, BN=bn, HAS_RES=res2 is not None, WRITE_R=not norm_only, num_warps=warps)
@@ -136,7 +136,7 @@ class _AddRMSNorm(torch.autograd.Function):
         has_res = ctx.res_dtype is not None
         dres = torch.empty(M, N, device=r.device, dtype=ctx.res_dtype) if has_res else dx
         dw = torch.empty(progs, N, device=r.device, dtype=torch.float32)
-        _bwd_kernel[(progs,)](
+        _add_rms_norm_bwd_kernel[(progs,)](
             dy2, dro if dro is not None else dy2, r, weight, rstd, dx, dres, dw, M, N, rows_per_prog,
             dy2.stride(0), dro.stride(0) if dro is not None else 0, r.stride(0), dx.stride(0), dres.stride(0),
             BM=bm, BN=bn, HAS_DRO=dro is not None, HAS_RES=has_res, num_warps=warps)
