@@ -126,6 +126,18 @@ def _pick(x, idx, T: tl.constexpr):
 
 
 @triton.jit
+def _lane_offsets(start, BD: tl.constexpr):
+    """Channel offsets start + arange(BD), int64, declared non-contiguous, for the (N, channels)
+    state tiles and the A tile of the one-channel-per-thread kernels. A 4-wide vector access would
+    give these tiles a layout other than the compute layout, and Triton would then convert the
+    loop-carried state (or a stored one) through shared memory on every tile: 16 barriers per tile
+    in the sm_90 code of the forward's output pass (kernels/BENCHMARKS.md, ninth session). Triton
+    gives every access that shares index ops with a vectorised one the same vector width, so the A
+    load, although outside the loop, needs this too. The hint is an attribute of the op made here."""
+    return tl.max_contiguous((start + tl.arange(0, BD)).to(tl.int64), 1)
+
+
+@triton.jit
 def _load_td(ptr, base, s_d, offs_d, mask_d, p, mask_t):
     """(T, BD) tile of a (batch, dim, L) tensor, as float32 (0 outside)."""
     return tl.load(ptr + base + offs_d[None, :] * s_d + p[:, None],
@@ -257,7 +269,8 @@ def _chunk_state_kernel(
     mask_n = offs_n < NSTATE
     mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
-    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
+    lane_d = _lane_offsets(pid_d * BD, BD)
+    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + lane_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
     h = tl.zeros((BN, BD), dtype=tl.float32)
     sdt = tl.zeros((BD,), dtype=tl.float32)
     n_reset = 0
@@ -281,7 +294,7 @@ def _chunk_state_kernel(
             h = _pick(_scan_tnd(a, b, tl.zeros((BN, BD), dtype=tl.float32), T, REVERSE), end, T)
             # S has one row per tile; SDT and RST are padded to whole programs (the interpreter
             # takes no scalar mask, nor a tensor mask combined with a scalar test)
-            tl.store(S_ptr + pid_b * s_S_b + kt * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :], h,
+            tl.store(S_ptr + pid_b * s_S_b + kt * s_S_c + offs_n[:, None] * s_S_n + lane_d[None, :], h,
                      mask=mnd & ((kt + offs_d[None, :] * 0) < N_ROWS))  # a tensor test: see above
             tl.store(SDT_ptr + pid_b * s_t_b + kt * s_t_c + offs_d, tl.sum(dt, axis=0), mask=mask_d)
             if HAS_SEQ:
@@ -292,7 +305,7 @@ def _chunk_state_kernel(
             if HAS_SEQ:
                 n_reset += tl.sum(reset.to(tl.int32), axis=0)
     if not PER_TILE:
-        off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
+        off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + lane_d[None, :]
         tl.store(S_ptr + off, h, mask=mnd)
         tl.store(SDT_ptr + pid_b * s_t_b + pid_c * s_t_c + offs_d, sdt, mask=mask_d)
         if HAS_SEQ:
@@ -399,11 +412,12 @@ def _fwd_kernel(
     mask_n = offs_n < NSTATE
     mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
-    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
+    lane_d = _lane_offsets(pid_d * BD, BD)
+    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + lane_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     if HAS_HCHUNK:
-        h = tl.load(Hchunk_ptr + pid_b * s_hc_b + pid_c * s_hc_c + offs_d[None, :] * s_hc_d + offs_n[:, None] * s_hc_n,
+        h = tl.load(Hchunk_ptr + pid_b * s_hc_b + pid_c * s_hc_c + lane_d[None, :] * s_hc_d + offs_n[:, None] * s_hc_n,
                     mask=mnd, other=0.0)
     else:
         h = tl.zeros((BN, BD), dtype=tl.float32)
@@ -423,7 +437,7 @@ def _fwd_kernel(
             u_base, s_u_d, dl_base, s_dl_d, z_base, s_z_d, B_base, s_B_n, C_base, s_C_n,
             offs_d, mask_d, offs_n, mask_n, T, HAS_Z, True, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
         if SAVE_TILES:
-            tl.store(Htile_ptr + pid_b * s_ht_b + (k0 + i) * s_ht_c + offs_n[:, None] * s_ht_n + offs_d[None, :],
+            tl.store(Htile_ptr + pid_b * s_ht_b + (k0 + i) * s_ht_c + offs_n[:, None] * s_ht_n + lane_d[None, :],
                      h, mask=mnd)
         a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
         b = (dt * u)[:, None, :] * Bt[:, :, None]
@@ -488,7 +502,8 @@ def _adjoint_tile_kernel(
     mask_n = offs_n < NSTATE
     mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
-    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
+    lane_d = _lane_offsets(pid_d * BD, BD)
+    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + lane_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
     start = _end_index(T, not REVERSE)
     dl_base, C_base, z_base, do_base = pid_b * s_dl_b, pid_b * s_C_b + g * s_C_g, pid_b * s_z_b, pid_b * s_do_b
     k0 = pid_t * TILES_PER_PROG
@@ -509,7 +524,7 @@ def _adjoint_tile_kernel(
         ones = tl.full((T, BN, BD), 1.0, dtype=tl.float32)
         _f, _p, q = tl.associative_scan((_flip_if(a, not REVERSE), ones, _flip_if(c, not REVERSE)), 0, _combine_next)
         q = _flip_if(q, not REVERSE)
-        off = pid_b * s_S_b + (k0 + i) * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
+        off = pid_b * s_S_b + (k0 + i) * s_S_c + offs_n[:, None] * s_S_n + lane_d[None, :]
         tl.store(S_ptr + off, _pick(a, start, T) * _pick(q, start, T), mask=mnd)
         tl.store(SDT_ptr + pid_b * s_t_b + (k0 + i) * s_t_c + offs_d, tl.sum(dt, axis=0), mask=mask_d)
         if HAS_SEQ:
