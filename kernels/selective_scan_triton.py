@@ -126,6 +126,16 @@ def _pick(x, idx, T: tl.constexpr):
 
 
 @triton.jit
+def _sum_states(x, BN: tl.constexpr):
+    """Sum of a (T, N, BD) tile over its in-thread state axis as one chain of additions (the last
+    element of a cumulative sum): the compiler fuses it with the products into one FMA per state,
+    where tl.sum's pairwise tree took a multiply, an FMA and an add per pair (offline sm_90
+    compile of the forward's output pass: 128 -> 121 instructions per step)."""
+    last = (tl.arange(0, BN) == BN - 1)[None, :, None]
+    return tl.sum(tl.where(last, tl.cumsum(x, axis=1), -0.0), axis=1)
+
+
+@triton.jit
 def _lane_offsets(start, BD: tl.constexpr):
     """Channel offsets start + arange(BD), int64, declared non-contiguous, for the (N, channels)
     state tiles and the A tile of the one-channel-per-thread kernels. A 4-wide vector access would
@@ -442,7 +452,7 @@ def _fwd_kernel(
         a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
         b = (dt * u)[:, None, :] * Bt[:, :, None]
         hs = _scan_tnd(a, b, h, T, REVERSE)                        # (T, N, BD)
-        y = tl.sum(hs * Ct[:, :, None], axis=1)                     # (T, BD)
+        y = _sum_states(hs * Ct[:, :, None], BN)                    # (T, BD)
         if HAS_D:
             y += Dv[None, :] * u
         if HAS_Z:
