@@ -426,14 +426,21 @@ def _fwd_kernel(
     A2t = tl.load(A_ptr + offs_n[:, None] * DIM + lane_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    h = tl.zeros((BN, BD), dtype=tl.float32)
     if HAS_HCHUNK:
-        h = tl.load(Hchunk_ptr + pid_b * s_hc_b + pid_c * s_hc_c + lane_d[None, :] * s_hc_d + offs_n[:, None] * s_hc_n,
-                    mask=mnd, other=0.0)
-    else:
-        h = tl.zeros((BN, BD), dtype=tl.float32)
+        h_in = tl.load(Hchunk_ptr + pid_b * s_hc_b + pid_c * s_hc_c + lane_d[None, :] * s_hc_d
+                       + offs_n[:, None] * s_hc_n, mask=mnd, other=0.0)[None, :, :]
+        first = (tl.arange(0, T) == _end_index(T, not REVERSE))[:, None, None]
     end = _end_index(T, REVERSE)
     k0 = pid_c * CHUNK_TILES
     n_here = tl.minimum(CHUNK_TILES, N_TILES - k0)  # the last chunk may be short
+    if SAVE_TILES:
+        if HAS_HCHUNK:
+            h_first = tl.sum(h_in, axis=0)
+        else:
+            h_first = h
+        tl.store(Htile_ptr + pid_b * s_ht_b + k0 * s_ht_c + offs_n[:, None] * s_ht_n + lane_d[None, :], h_first,
+                 mask=mnd)
     u_base, dl_base, z_base = pid_b * s_u_b, pid_b * s_dl_b, pid_b * s_z_b
     B_base, C_base = pid_b * s_B_b + g * s_B_g, pid_b * s_C_b + g * s_C_g
     p_n, m_n, u_n, dt_n, B_n, C_n, z_n, r_n = _fwd_inputs(
@@ -446,11 +453,13 @@ def _fwd_kernel(
             u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0 + i + 1, L,
             u_base, s_u_d, dl_base, s_dl_d, z_base, s_z_d, B_base, s_B_n, C_base, s_C_n,
             offs_d, mask_d, offs_n, mask_n, T, HAS_Z, True, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
-        if SAVE_TILES:
+        if SAVE_TILES:  # the first tile's entering state is h_in (stored before the loop)
             tl.store(Htile_ptr + pid_b * s_ht_b + (k0 + i) * s_ht_c + offs_n[:, None] * s_ht_n + lane_d[None, :],
-                     h, mask=mnd)
+                     h, mask=mnd & (i > 0))
         a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
         b = (dt * u)[:, None, :] * Bt[:, :, None]
+        if HAS_HCHUNK:
+            b = tl.where(first & (i == 0), b + a * h_in, b)
         hs = _scan_tnd(a, b, h, T, REVERSE)                        # (T, N, BD)
         y = _sum_states(hs * Ct[:, :, None], BN)                    # (T, BD)
         if HAS_D:
