@@ -54,7 +54,7 @@ def rel(a, b):
 
 
 def check_small(dtype, tol):
-    """Forward, last state and every gradient vs float64 autograd, across options."""
+    """Forward (with and without autograd), last state and every gradient vs float64 autograd, across options."""
     worst = 0.0
     # batch 2: several programs per tile (dB/dC by atomics); batch 8 x 4000: one program per tile.
     for kw in [dict(), dict(reverse=True), dict(groups=2), dict(seq=True), dict(seq=True, reverse=True),
@@ -78,7 +78,11 @@ def check_small(dtype, tol):
         gl = torch.randn_like(last)
         ((o.float() * go.float()).sum() + (last * gl).sum()).backward()
         ((orf * go.double()).sum() + (lastr * gl.double()).sum()).backward()
-        errs = {"out": rel(o, orf), "last": rel(last, lastr)}
+        with torch.no_grad():  # inference keeps no tile states: its own code path in the forward kernel
+            o_inf, last_inf = selective_scan(*args, delta_softplus=True, return_last_state=True, initial_state=h0,
+                                             reverse=kw.get("reverse", False), seq_idx=seq)
+        errs = {"out": rel(o, orf), "last": rel(last, lastr), "out (no grad)": rel(o_inf, orf),
+                "last (no grad)": rel(last_inf, lastr)}
         for name, a, b in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), args, ref_args):
             errs["d" + name] = rel(a.grad, b.grad)
         errs["dh0"] = rel(h0.grad, h0r.grad)

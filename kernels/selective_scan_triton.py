@@ -129,21 +129,19 @@ def _pick(x, idx, T: tl.constexpr):
 def _sum_states(x, BN: tl.constexpr):
     """Sum of a (T, N, BD) tile over its in-thread state axis as one chain of additions (the last
     element of a cumulative sum): the compiler fuses it with the products into one FMA per state,
-    where tl.sum's pairwise tree took a multiply, an FMA and an add per pair (offline sm_90
-    compile of the forward's output pass: 128 -> 121 instructions per step)."""
+    where Triton 3.9's tl.sum takes a multiply, an FMA and an add per pair (offline sm_90 compile
+    of the forward's output pass: 128 -> 121 instructions per step; Triton 3.6 chains either way)."""
     last = (tl.arange(0, BN) == BN - 1)[None, :, None]
     return tl.sum(tl.where(last, tl.cumsum(x, axis=1), -0.0), axis=1)
 
 
 @triton.jit
 def _lane_offsets(start, BD: tl.constexpr):
-    """Channel offsets start + arange(BD), int64, declared non-contiguous, for the (N, channels)
-    state tiles and the A tile of the one-channel-per-thread kernels. A 4-wide vector access would
-    give these tiles a layout other than the compute layout, and Triton would then convert the
-    loop-carried state (or a stored one) through shared memory on every tile: 16 barriers per tile
-    in the sm_90 code of the forward's output pass (kernels/BENCHMARKS.md, ninth session). Triton
-    gives every access that shares index ops with a vectorised one the same vector width, so the A
-    load, although outside the loop, needs this too. The hint is an attribute of the op made here."""
+    """Channel offsets start + arange(BD), int64, declared non-contiguous, for the A and state tiles
+    of the forward's output pass: a 4-wide vector load gives these tiles a layout other than the
+    compute layout. Triton gives every access that shares index ops with a vectorised one the same
+    vector width, so the A load, although outside the loop, needs this too. The hint is an
+    attribute of the op made here, which is why this builds the offsets instead of taking them."""
     return tl.max_contiguous((start + tl.arange(0, BD)).to(tl.int64), 1)
 
 
@@ -279,8 +277,7 @@ def _chunk_state_kernel(
     mask_n = offs_n < NSTATE
     mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
-    lane_d = _lane_offsets(pid_d * BD, BD)
-    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + lane_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
+    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
     h = tl.zeros((BN, BD), dtype=tl.float32)
     sdt = tl.zeros((BD,), dtype=tl.float32)
     n_reset = 0
@@ -304,7 +301,7 @@ def _chunk_state_kernel(
             h = _pick(_scan_tnd(a, b, tl.zeros((BN, BD), dtype=tl.float32), T, REVERSE), end, T)
             # S has one row per tile; SDT and RST are padded to whole programs (the interpreter
             # takes no scalar mask, nor a tensor mask combined with a scalar test)
-            tl.store(S_ptr + pid_b * s_S_b + kt * s_S_c + offs_n[:, None] * s_S_n + lane_d[None, :], h,
+            tl.store(S_ptr + pid_b * s_S_b + kt * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :], h,
                      mask=mnd & ((kt + offs_d[None, :] * 0) < N_ROWS))  # a tensor test: see above
             tl.store(SDT_ptr + pid_b * s_t_b + kt * s_t_c + offs_d, tl.sum(dt, axis=0), mask=mask_d)
             if HAS_SEQ:
@@ -315,7 +312,7 @@ def _chunk_state_kernel(
             if HAS_SEQ:
                 n_reset += tl.sum(reset.to(tl.int32), axis=0)
     if not PER_TILE:
-        off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + lane_d[None, :]
+        off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
         tl.store(S_ptr + off, h, mask=mnd)
         tl.store(SDT_ptr + pid_b * s_t_b + pid_c * s_t_c + offs_d, sdt, mask=mask_d)
         if HAS_SEQ:
@@ -422,25 +419,32 @@ def _fwd_kernel(
     mask_n = offs_n < NSTATE
     mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
-    lane_d = _lane_offsets(pid_d * BD, BD)
-    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + lane_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
+    # Inference (no tile states saved): the entering state is folded into the first tile's first
+    # step (FOLD) and the loop-carried state starts from zeros, with the A and state tiles read one
+    # channel per lane (_lane_offsets). Starting the loop-carried state from a load instead made
+    # Triton keep the load's vectorised layout through the loop and convert it through shared memory
+    # twice per tile (Triton 3.6, sm_90: 20 -> 4 barriers per tile; 1 Mb inference 357 -> 346 ms on
+    # an H100). With tile states saved (training) the old form measured faster, so it stays.
+    FOLD: tl.constexpr = HAS_HCHUNK and not SAVE_TILES
+    if SAVE_TILES:
+        st_d = offs_d
+    else:
+        st_d = _lane_offsets(pid_d * BD, BD)
+    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + st_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     h = tl.zeros((BN, BD), dtype=tl.float32)
     if HAS_HCHUNK:
-        h_in = tl.load(Hchunk_ptr + pid_b * s_hc_b + pid_c * s_hc_c + lane_d[None, :] * s_hc_d
-                       + offs_n[:, None] * s_hc_n, mask=mnd, other=0.0)[None, :, :]
-        first = (tl.arange(0, T) == _end_index(T, not REVERSE))[:, None, None]
+        h_in = tl.load(Hchunk_ptr + pid_b * s_hc_b + pid_c * s_hc_c + st_d[None, :] * s_hc_d + offs_n[:, None] * s_hc_n,
+                       mask=mnd, other=0.0)
+        if FOLD:
+            h_in = h_in[None, :, :]
+            first = (tl.arange(0, T) == _end_index(T, not REVERSE))[:, None, None]
+        else:
+            h = h_in
     end = _end_index(T, REVERSE)
     k0 = pid_c * CHUNK_TILES
     n_here = tl.minimum(CHUNK_TILES, N_TILES - k0)  # the last chunk may be short
-    if SAVE_TILES:
-        if HAS_HCHUNK:
-            h_first = tl.sum(h_in, axis=0)
-        else:
-            h_first = h
-        tl.store(Htile_ptr + pid_b * s_ht_b + k0 * s_ht_c + offs_n[:, None] * s_ht_n + lane_d[None, :], h_first,
-                 mask=mnd)
     u_base, dl_base, z_base = pid_b * s_u_b, pid_b * s_dl_b, pid_b * s_z_b
     B_base, C_base = pid_b * s_B_b + g * s_B_g, pid_b * s_C_b + g * s_C_g
     p_n, m_n, u_n, dt_n, B_n, C_n, z_n, r_n = _fwd_inputs(
@@ -453,15 +457,18 @@ def _fwd_kernel(
             u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0 + i + 1, L,
             u_base, s_u_d, dl_base, s_dl_d, z_base, s_z_d, B_base, s_B_n, C_base, s_C_n,
             offs_d, mask_d, offs_n, mask_n, T, HAS_Z, True, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
-        if SAVE_TILES:  # the first tile's entering state is h_in (stored before the loop)
-            tl.store(Htile_ptr + pid_b * s_ht_b + (k0 + i) * s_ht_c + offs_n[:, None] * s_ht_n + lane_d[None, :],
-                     h, mask=mnd & (i > 0))
+        if SAVE_TILES:
+            tl.store(Htile_ptr + pid_b * s_ht_b + (k0 + i) * s_ht_c + offs_n[:, None] * s_ht_n + offs_d[None, :],
+                     h, mask=mnd)
         a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
         b = (dt * u)[:, None, :] * Bt[:, :, None]
-        if HAS_HCHUNK:
+        if FOLD:
             b = tl.where(first & (i == 0), b + a * h_in, b)
         hs = _scan_tnd(a, b, h, T, REVERSE)                        # (T, N, BD)
-        y = _sum_states(hs * Ct[:, :, None], BN)                    # (T, BD)
+        if SAVE_TILES:
+            y = tl.sum(hs * Ct[:, :, None], axis=1)                 # (T, BD)
+        else:
+            y = _sum_states(hs * Ct[:, :, None], BN)
         if HAS_D:
             y += Dv[None, :] * u
         if HAS_Z:
@@ -521,8 +528,7 @@ def _adjoint_tile_kernel(
     mask_n = offs_n < NSTATE
     mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
-    lane_d = _lane_offsets(pid_d * BD, BD)
-    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + lane_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
+    A2t = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
     start = _end_index(T, not REVERSE)
     dl_base, C_base, z_base, do_base = pid_b * s_dl_b, pid_b * s_C_b + g * s_C_g, pid_b * s_z_b, pid_b * s_do_b
     k0 = pid_t * TILES_PER_PROG
@@ -543,7 +549,7 @@ def _adjoint_tile_kernel(
         ones = tl.full((T, BN, BD), 1.0, dtype=tl.float32)
         _f, _p, q = tl.associative_scan((_flip_if(a, not REVERSE), ones, _flip_if(c, not REVERSE)), 0, _combine_next)
         q = _flip_if(q, not REVERSE)
-        off = pid_b * s_S_b + (k0 + i) * s_S_c + offs_n[:, None] * s_S_n + lane_d[None, :]
+        off = pid_b * s_S_b + (k0 + i) * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
         tl.store(S_ptr + off, _pick(a, start, T) * _pick(q, start, T), mask=mnd)
         tl.store(SDT_ptr + pid_b * s_t_b + (k0 + i) * s_t_c + offs_d, tl.sum(dt, axis=0), mask=mask_d)
         if HAS_SEQ:
