@@ -396,3 +396,27 @@ def test_lane_reduce_scatter_gets_the_lane_layout_it_assumes():
         definition = re.search(rf"^{name} = (.*)$", ttgir, re.M).group(1)
         assert "threadsPerWarp = [1, 4, 8]" in definition and "order = [2, 1, 0]" in definition, definition
         assert "warpsPerCTA = [1, 1, 1]" in definition, definition
+
+
+_SASS_PROBE = """
+import json
+from genomamba_kernels.sass_report import report
+print(json.dumps({k: {f: report(k)[f] for f in ("barriers", "stack_bytes", "local_loads")} for k in ("fwd", "fwd_add")}))
+"""
+
+
+def test_inference_forward_keeps_its_state_in_the_compute_layout():
+    """The inference forward's output pass (with and without the other direction's output added)
+    compiled for sm_90 with the installed Triton (no GPU; outside the interpreter): its tile loop
+    has the 4 barriers of the B and C broadcasts, not the 20 it had while the loop-carried state
+    went through shared memory twice per tile (kernels/BENCHMARKS.md, ninth session), and no spills."""
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-c", _SASS_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name, r in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert r["barriers"] <= 4, (name, r)
+        assert r["stack_bytes"] == 0 and r["local_loads"] == 0, (name, r)
