@@ -423,7 +423,7 @@ def _fwd_kernel(
     # step (FOLD) and the loop-carried state starts from zeros, with the A and state tiles read one
     # channel per lane (_lane_offsets). Starting the loop-carried state from a load instead made
     # Triton keep the load's vectorised layout through the loop and convert it through shared memory
-    # twice per tile (Triton 3.6, sm_90: 20 -> 4 barriers per tile; 1 Mb inference 357 -> 346 ms on
+    # twice per tile (Triton 3.6, sm_90: 20 -> 4 barriers per tile; 1 Mb model inference 359 -> 348.5 ms on
     # an H100). With tile states saved (training) the old form measured faster, so it stays.
     FOLD: tl.constexpr = HAS_HCHUNK and not SAVE_TILES
     if SAVE_TILES:
