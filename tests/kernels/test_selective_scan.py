@@ -352,25 +352,8 @@ def test_lane_reduce_scatter_mode():
 
 _LAYOUT_PROBE = """
 import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from genomamba_kernels import selective_scan_triton as K
-fn = K._bwd_kernel
-consts = dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, HAS_DB=True, SOFTPLUS=True, HAS_SEQ=False,
-              REVERSE=False, ATOMIC_BC=False, FAST=True, LANE_RS=1, RELOAD_BC=True)
-half = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}
-sig = {}
-for name in fn.arg_names:
-    if name in consts:
-        sig[name] = "constexpr"
-    elif name.endswith("_ptr"):
-        sig[name] = "*bf16" if name in half else ("*i32" if name == "seq_ptr" else "*fp32")
-    else:
-        sig[name] = "i64" if name.startswith("s_") else "i32"
-k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=1))
-sys.stdout.write(k.asm["ttgir"])
+from genomamba_kernels.sass_report import compile_sm90
+sys.stdout.write(compile_sm90("bwd").asm["ttgir"])
 """
 
 
