@@ -20,7 +20,7 @@ import re
 import subprocess
 import tempfile
 
-# name: (kernel, tile steps per loop iteration, warps, constexprs). Default GPU tiles (_tile_config),
+# name: (kernel, warps, constexprs; T is the time steps per loop iteration). Default GPU tiles (_tile_config),
 # bf16 inputs, z, D, delta_bias and softplus, as in the benchmark.
 _FLAGS = dict(HAS_DB=True, SOFTPLUS=True, HAS_SEQ=False, REVERSE=False, FAST=True)
 KERNELS = {

@@ -384,7 +384,8 @@ def test_lane_reduce_scatter_gets_the_lane_layout_it_assumes():
 _SASS_PROBE = """
 import json
 from genomamba_kernels.sass_report import report
-print(json.dumps({k: {f: report(k)[f] for f in ("barriers", "stack_bytes", "local_loads")} for k in ("fwd", "fwd_add")}))
+rows = {k: report(k) for k in ("fwd", "fwd_add")}
+print(json.dumps({k: {f: r[f] for f in ("barriers", "stack_bytes", "local_loads")} for k, r in rows.items()}))
 """
 
 
