@@ -54,7 +54,8 @@ def rel(a, b):
 
 
 def check_small(dtype, tol):
-    """Forward (with and without autograd), last state and every gradient vs float64 autograd, across options."""
+    """Forward (with and without autograd), last state and every gradient (from saved and from rebuilt
+    tile states) vs float64 autograd, across options."""
     worst = 0.0
     # batch 2: several programs per tile (dB/dC by atomics); batch 8 x 4000: one program per tile.
     for kw in [dict(), dict(reverse=True), dict(groups=2), dict(seq=True), dict(seq=True, reverse=True),
@@ -78,6 +79,16 @@ def check_small(dtype, tol):
         gl = torch.randn_like(last)
         ((o.float() * go.float()).sum() + (last * gl).sum()).backward()
         ((orf * go.double()).sum() + (lastr * gl.double()).sum()).backward()
+        grads = [a.grad for a in args] + [h0.grad]
+        for a in args + [h0]:
+            a.grad = None
+        # the same backward from tile states it rebuilds itself (the forward keeps none)
+        o2, last2 = selective_scan(*args, delta_softplus=True, return_last_state=True, initial_state=h0,
+                                   reverse=kw.get("reverse", False), seq_idx=seq, recompute_states=True)
+        ((o2.float() * go.float()).sum() + (last2 * gl).sum()).backward()
+        rebuilt = [a.grad for a in args] + [h0.grad]
+        for a, gr in zip(args + [h0], grads):
+            a.grad = gr
         with torch.no_grad():  # inference keeps no tile states: its own code path in the forward kernel
             o_inf, last_inf = selective_scan(*args, delta_softplus=True, return_last_state=True, initial_state=h0,
                                              reverse=kw.get("reverse", False), seq_idx=seq)
@@ -86,6 +97,9 @@ def check_small(dtype, tol):
         for name, a, b in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), args, ref_args):
             errs["d" + name] = rel(a.grad, b.grad)
         errs["dh0"] = rel(h0.grad, h0r.grad)
+        for name, g, b in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"), rebuilt,
+                              ref_args + [h0r]):
+            errs[f"d{name} (rebuilt states)"] = rel(g, b.grad)
         bad = {k: v for k, v in errs.items() if not v < tol}
         worst = max(worst, max(errs.values()))
         print(f"  check {str(dtype):15s} {kw}: max rel err {max(errs.values()):.2e}" + (f"  FAIL {bad}" if bad else ""))
