@@ -35,6 +35,8 @@ KERNELS = {
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
                                    RELOAD_BC=1, DZ_ACC=False, **_FLAGS)),
 }
+# Launch options other than num_warps, as _tile_config's defaults give them (register caps).
+OPTIONS = {"chunk": dict(maxnreg=128)}
 # Strides that are 1 in a real launch (Triton then compiles them as the constant 1).
 _UNIT = {"s_hc_d", "s_do_l"}
 _HALF = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "add_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
@@ -64,7 +66,7 @@ def compile_sm90(name: str):
         attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **OPTIONS.get(name, {})))
 
 
 def _cuobjdump() -> str:

@@ -63,18 +63,25 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # warps_pass = 0: chosen per launch by _passing_warps.
     # lane_rs / reload_bc: the backward main kernel's dB/dC reduce-scatter and B/C reloads (see
     # _bwd_kernel; kernels/BENCHMARKS.md has the measurements).
+    # maxnreg_chunk = 128: the chunk-state pass fits in 128 registers without spilling in its loop
+    # (sm_90), so 4 instead of 3 programs share an SM: 1 Mb model inference 350.5 -> 346.2 ms
+    # (mean of 5 alternating pairs, H100, eleventh session), training unchanged. Capping the
+    # other kernels makes them spill and run 1.5-4x slower (kernels/BENCHMARKS.md).
     cfg = dict(T=8, BD=128, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=4, warps_bwd=1, warps_pass=0,
-               maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1)
+               maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1, maxnreg_fwd=0, maxnreg_fwdt=0,
+               maxnreg_chunk=128, maxnreg_adj=0)
     return _override(cfg)
 
 
 _TUNING_KEYS = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "BC", "BD_PASS", "warps_pass",
-                "lane_rs", "reload_bc")
+                "lane_rs", "reload_bc", "maxnreg_fwd", "maxnreg_fwdt", "maxnreg_chunk", "maxnreg_adj")
 
 
 def _override(cfg: dict) -> dict:
     """For tuning: GENOMAMBA_SCAN_TILES="T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS[,warps_pass
-    [,lane_rs[,reload_bc]]]]]]]]" (maxnreg 0 = the compiler's choice, warps_pass 0 = per launch)."""
+    [,lane_rs[,reload_bc[,maxnreg_fwd[,maxnreg_fwdt[,maxnreg_chunk[,maxnreg_adj]]]]]]]]]]]]" (maxnreg 0 =
+    the compiler's choice, warps_pass 0 = per launch; maxnreg_fwd caps the forward's output pass
+    without autograd, maxnreg_fwdt the one that saves tile states)."""
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
         cfg.update({k: int(v) for k, v in zip(_TUNING_KEYS, override.split(","))})
@@ -202,7 +209,8 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
             Bg.stride(0), Bg.stride(1), Bg.stride(2), seq_stride,
             S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
-            BD=BD, BN=BN, T=T, PER_TILE=False, num_warps=cfg["warps"], **flags)
+            BD=BD, BN=BN, T=T, PER_TILE=False, num_warps=cfg["warps"], **flags,
+            **_reg_cap(cfg.get("maxnreg_chunk", 0), dev))
         Hc = torch.empty_like(S)
         scratch = torch.empty_like(last)
         _pass_states(S, SDT, RST, A_nd, h0, Hc, scratch, seq is not None, False, cfg)
@@ -226,7 +234,8 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
         last.stride(0), last.stride(1),
         BD=BD, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
         HAS_HCHUNK=(n_chunks > 1) or (h0 is not None), SAVE_TILES=bool(save_tile_states),
-        HAS_ADD=out_add is not None, num_warps=cfg["warps"], **flags)
+        HAS_ADD=out_add is not None, num_warps=cfg["warps"], **flags,
+        **_reg_cap(cfg.get("maxnreg_fwdt" if save_tile_states else "maxnreg_fwd", 0), dev))
     return out, last, (tiles if save_tile_states else None), cfg
 
 
@@ -253,7 +262,8 @@ def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles: int,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), seq.stride(0) if seq is not None else 0,
         H.stride(0), H.stride(1), H.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
-        BD=BD, BN=cfg["BN"], T=cfg["T"], PER_TILE=True, num_warps=cfg["warps"], **flags)
+        BD=BD, BN=cfg["BN"], T=cfg["T"], PER_TILE=True, num_warps=cfg["warps"], **flags,
+        **_reg_cap(cfg.get("maxnreg_chunk", 0), dev))
     h0 = None if initial_state is None else initial_state.float().contiguous()
     last = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     SDT, RST = SDT[:, :n_tiles], RST[:, :n_tiles] if seq is not None else RST
@@ -301,7 +311,8 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Cg.stride(0), Cg.stride(1), Cg.stride(2),
         zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), dout.stride(2), seq_stride,
         S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
-        BD=BD, BN=BN, T=T, HAS_Z=z is not None, num_warps=cfg["warps"], **flags)
+        BD=BD, BN=BN, T=T, HAS_Z=z is not None, num_warps=cfg["warps"], **flags,
+        **_reg_cap(cfg.get("maxnreg_adj", 0), dev))
     # Pass 2: the adjoint entering every tile from the right (and the initial-state gradient),
     # written over S: at 1 Mb each per-tile state buffer is 8 bytes per (channel, position).
     R = S

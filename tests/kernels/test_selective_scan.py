@@ -384,8 +384,9 @@ def test_lane_reduce_scatter_gets_the_lane_layout_it_assumes():
 _SASS_PROBE = """
 import json
 from genomamba_kernels.sass_report import report
-rows = {k: report(k) for k in ("fwd", "fwd_add")}
-print(json.dumps({k: {f: r[f] for f in ("barriers", "stack_bytes", "local_loads")} for k, r in rows.items()}))
+rows = {k: report(k) for k in ("fwd", "fwd_add", "chunk")}
+print(json.dumps({k: {f: r[f] for f in ("registers", "barriers", "stack_bytes", "local_loads", "local_stores")}
+                  for k, r in rows.items()}))
 """
 
 
@@ -393,7 +394,9 @@ def test_inference_forward_keeps_its_state_in_the_compute_layout():
     """The inference forward's output pass (with and without the other direction's output added)
     compiled for sm_90 with the installed Triton (no GPU; outside the interpreter): its tile loop
     has the 4 barriers of the B and C broadcasts, not the 20 it had while the loop-carried state
-    went through shared memory twice per tile (kernels/BENCHMARKS.md, ninth session), and no spills."""
+    went through shared memory twice per tile (kernels/BENCHMARKS.md, ninth session), and no spills.
+    The chunk-state pass, launched with a 128-register cap (4 programs per SM), spills nothing in
+    its loop (a spilling cap made the forward 1.5-4x slower: kernels/BENCHMARKS.md, eleventh session)."""
     import json
     import subprocess
 
@@ -401,6 +404,21 @@ def test_inference_forward_keeps_its_state_in_the_compute_layout():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     run = subprocess.run([sys.executable, "-c", _SASS_PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    for name, r in json.loads(run.stdout.strip().splitlines()[-1]).items():
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    chunk = rows.pop("chunk")
+    assert chunk["registers"] <= 128 and chunk["local_loads"] == chunk["local_stores"] == 0, chunk
+    for name, r in rows.items():
         assert r["barriers"] <= 4, (name, r)
         assert r["stack_bytes"] == 0 and r["local_loads"] == 0, (name, r)
+
+
+def test_register_caps_are_tuning_keys_and_cuda_only(monkeypatch):
+    """GENOMAMBA_SCAN_TILES fields 13-16 set the register caps of the forward (inference /
+    training), chunk-state and adjoint kernels; a cap becomes a launch option only on CUDA."""
+    ss = sys.modules["genomamba_kernels.selective_scan"]
+    monkeypatch.setenv("GENOMAMBA_SCAN_TILES", "8,4,8,1,1,0,2,8,64,1,1,0,168,0,96,0")
+    cfg = ss._tile_config(4, torch.device("cpu"))
+    assert (cfg["maxnreg_fwd"], cfg["maxnreg_fwdt"], cfg["maxnreg_chunk"], cfg["maxnreg_adj"]) == (168, 0, 96, 0)
+    assert ss._reg_cap(cfg["maxnreg_chunk"], torch.device("cpu")) == {}
+    assert ss._reg_cap(cfg["maxnreg_chunk"], torch.device("cuda")) == {"maxnreg": 96}
+    assert ss._reg_cap(0, torch.device("cuda")) == {}
