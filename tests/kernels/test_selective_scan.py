@@ -396,7 +396,7 @@ def test_inference_forward_keeps_its_state_in_the_compute_layout():
     has the 4 barriers of the B and C broadcasts, not the 20 it had while the loop-carried state
     went through shared memory twice per tile (kernels/BENCHMARKS.md, ninth session), and no spills.
     The chunk-state pass, launched with a 128-register cap (4 programs per SM), spills nothing in
-    its loop (a spilling cap made the forward 1.5-4x slower: kernels/BENCHMARKS.md, eleventh session)."""
+    its loop (a spilling cap made the forward 1.5-4.5x slower: kernels/BENCHMARKS.md, eleventh session)."""
     import json
     import subprocess
 
