@@ -66,7 +66,8 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # maxnreg_chunk = 128: the chunk-state pass fits in 128 registers without spilling in its loop
     # (sm_90), so 4 instead of 3 programs share an SM: 1 Mb model inference 350.5 -> 346.2 ms
     # (mean of 5 alternating pairs, H100, eleventh session), training unchanged. Capping the
-    # other kernels makes them spill: forward 1.5-4.5x, forward+backward up to 1.4x slower (kernels/BENCHMARKS.md).
+    # other kernels makes them spill: forward 1.5-4.5x, forward+backward up to 1.4x slower
+    # (kernels/BENCHMARKS.md).
     cfg = dict(T=8, BD=128, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=4, warps_bwd=1, warps_pass=0,
                maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1, maxnreg_fwd=0, maxnreg_fwdt=0,
                maxnreg_chunk=128, maxnreg_adj=0)
