@@ -66,7 +66,8 @@ def compile_sm90(name: str):
         attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **OPTIONS.get(name, {})))
+    options = dict(num_warps=warps, **OPTIONS.get(name, {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _cuobjdump() -> str:
