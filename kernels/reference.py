@@ -88,12 +88,21 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     per step over (batch, dim, N). Memory is O(batch * dim * N * chunk_size), never a
     (batch, dim, N, L) tensor. (On 2 CPU cores this measured ~3x faster, forward and backward,
     than a log-depth Hillis-Steele scan, which makes ~8 full passes over each chunk.)
+
+    Without autograd (inference) each step is one in-place multiply-add into the chunk's state
+    history, whose outputs are then read out by one batched product, and chunks are shortened to
+    ~4 MB per (step, batch, dim, N) tensor so that they stay in cache (kernels/BENCHMARKS.md,
+    "CPU inference path").
     """
     out_dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype)
     batch, dim, L = u.shape
     reset = _reset_mask(seq_idx, reverse)
     h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(dtype)
+    inference = not any(t.requires_grad for t in (u, delta, A, B, C, h))
+    if inference:  # two reused (step, batch, dim, N) buffers of at most ~4 MB each
+        chunk_size = max(16, min(chunk_size, L, (1 << 20) // (batch * dim * A.shape[1])))
+        bufs = u.new_empty(2, chunk_size, batch, dim, A.shape[1])
     starts = list(range(0, L, chunk_size))
     # B and C shared by all channels (no groups) are broadcast views: keep one channel, do not copy.
     B, C = (X[:, :1] if X.stride(1) == 0 else X for X in (B, C))
@@ -103,9 +112,13 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         # Step-major layout (T, batch, dim, N): each step's slice is contiguous, and so is the
         # stack that autograd builds for unbind's backward (a strided stack was 35% of the time).
         dt = delta[:, :, s:e].permute(2, 0, 1).contiguous()[..., None]    # (T, batch, dim, 1)
+        keep = None if reset is None else (~reset[:, s:e]).T.to(dtype)[:, :, None, None]
+        if inference:
+            h, ys[s] = _chunk_inference(dt, A, u[:, :, s:e], B[..., s:e], C[..., s:e], keep, h, reverse, bufs)
+            continue
         dA = torch.exp(dt * A)                                            # (T, batch, dim, N)
-        if reset is not None:
-            dA = dA * (~reset[:, s:e]).T.to(dtype)[:, :, None, None]
+        if keep is not None:
+            dA = dA * keep
         dBu = (dt * u[:, :, s:e].permute(2, 0, 1)[..., None]) * B[..., s:e].permute(3, 0, 1, 2).contiguous()
         # The output of each step is read out at once, (batch, dim, N) x (batch, ., N) -> (batch, dim),
         # so the (batch, dim, N, T) state history is never stacked.
@@ -118,6 +131,29 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     y = torch.cat([ys[s] for s in starts], dim=-1)
     out = _finish(y, u, D, z, out_dtype, dtype)
     return (out, h.float()) if return_last_state else out
+
+
+def _chunk_inference(dt, A, u, B, C, keep, h, reverse: bool, bufs):
+    """One chunk without autograd, in the two reused buffers of `bufs`: the decays, then the
+    inputs dt u B turned into the chunk's states h_t by one in-place multiply-add per step (at
+    batch 1 the loop is bound by per-op overhead: one op per step instead of three), then the
+    outputs C_t . h_t read out at once. No (step, batch, dim, N) tensor is allocated per chunk.
+    Returns the last state and the (batch, dim, T) outputs."""
+    T = dt.shape[0]
+    a = torch.mul(dt, A, out=bufs[0, :T]).exp_()                        # (T, batch, dim, N)
+    if keep is not None:
+        a.mul_(keep)
+    # B and C made contiguous first (T x N values per group): a strided inner axis makes the
+    # broadcast products ~15x slower.
+    hist = torch.mul(dt * u.permute(2, 0, 1)[..., None], B.permute(3, 0, 1, 2).contiguous(), out=bufs[1, :T])
+    hs, decays = hist.unbind(0), a.unbind(0)
+    prev = h
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        prev = hs[t].addcmul_(decays[t], prev)
+    y = torch.mul(hist, C.permute(3, 0, 1, 2).contiguous(), out=a).sum(-1)  # (T, batch, dim)
+    # contiguous (batch, dim, T): the concatenated output otherwise keeps the permuted strides,
+    # and every elementwise op after the scan walks it against memory order
+    return prev.clone(), y.permute(1, 2, 0).contiguous()
 
 
 def causal_conv1d_ref(x, weight, bias=None, activation=None, seq_idx=None, reverse=False,

@@ -150,6 +150,30 @@ def test_forward_then_reverse_composes_with_states():
         assert rel(joined, full) < 1e-5
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed,groups,bf16", [(False, None, False), (True, 2, False), (True, None, True)])
+def test_cpu_inference_path_matches_reference(reverse, packed, groups, bf16, monkeypatch):
+    """Without autograd the CPU path takes its in-place form (one multiply-add per step into the
+    chunk's state history, outputs read out by one product): the same outputs and last state as
+    the sequential reference, over several chunks and a short last one, and it is the form taken."""
+    ref_mod = sys.modules["genomamba_kernels.reference"]
+    calls = []
+    inner = ref_mod._chunk_inference
+    monkeypatch.setattr(ref_mod, "_chunk_inference", lambda *a: calls.append(1) or inner(*a))
+    x = make(batch=2, dim=16, L=301, n=16, groups=groups, dtype=torch.bfloat16 if bf16 else torch.float32)
+    args = [x[k] for k in NAMES[:8]]
+    seq = packed_seq_idx(2, 301) if packed else None
+    with torch.no_grad():
+        out, last = selective_scan_chunked(*args, True, True, initial_state=x["initial_state"], reverse=reverse,
+                                           seq_idx=seq, chunk_size=64)
+    ref, ref_last = selective_scan_ref(*args, True, True, initial_state=x["initial_state"], reverse=reverse,
+                                       seq_idx=seq)
+    assert len(calls) == 5                                        # ceil(301 / 64) chunks
+    assert out.dtype == args[0].dtype and last.dtype == torch.float32
+    tol = 1e-2 if bf16 else 1e-5
+    assert rel(out, ref) < tol and rel(last, ref_last) < 1e-5
+
+
 def test_chunked_reference_memory_is_chunk_sized():
     """The CPU path never builds a (batch, dim, N, L) tensor: a long input at tiny chunks still works."""
     x = make(batch=1, dim=2, L=5000, n=2, h0=False)
