@@ -90,9 +90,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     than a log-depth Hillis-Steele scan, which makes ~8 full passes over each chunk.)
 
     Without autograd (inference) each step is one in-place multiply-add into the chunk's state
-    history, whose outputs are then read out by one batched product, and chunks are shortened to
-    ~4 MB per (step, batch, dim, N) tensor so that they stay in cache: 1.8-2.8x faster CPU
-    inference of a Caduceus-1k-sized model (BENCHMARKS.md, "CPU (no GPU)").
+    history, whose outputs are then read out at once (one product and one sum), and chunks are
+    shortened to ~4 MB per (step, batch, dim, N) tensor so that they stay in cache: 1.8-2.8x
+    faster CPU inference of a Caduceus-1k-sized model (BENCHMARKS.md, "CPU (no GPU)").
     """
     out_dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype)
