@@ -33,7 +33,7 @@ KERNELS = {
     "chunk": ("_chunk_state_kernel", 4, dict(BD=128, BN=16, T=8, PER_TILE=False, **_FLAGS)),
     "adjoint": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, **_FLAGS)),
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
-                                   RELOAD_BC=1, DZ_ACC=False, **_FLAGS)),
+                                   RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, **_FLAGS)),
 }
 # Launch options other than num_warps, as _tile_config's defaults give them (register caps).
 OPTIONS = {"chunk": dict(maxnreg=128)}

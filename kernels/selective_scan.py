@@ -53,7 +53,7 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
         cfg = dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
-                   FAST=False, lane_rs=1, reload_bc=0)
+                   FAST=False, lane_rs=1, reload_bc=0, part_rows=3)
         return _override(cfg)
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
     # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements;
@@ -68,21 +68,27 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # (mean of 5 alternating pairs, H100, eleventh session), training unchanged. Capping the
     # other kernels makes them spill: forward 1.5-4.5x, forward+backward up to 1.4x slower
     # (kernels/BENCHMARKS.md).
+    # part_rows = 64: the backward adds its dA / dD / d(delta_bias) partial sums atomically into 64
+    # rows instead of storing one row per tile (512 MB per scan at (1, 512, 131072)) and summing
+    # them afterwards: forward+backward there 4.92 -> 4.62 ms, training step at 131 kb 217 -> 204-206
+    # ms (H100, twelfth session; kernels/BENCHMARKS.md).
     cfg = dict(T=8, BD=128, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=4, warps_bwd=1, warps_pass=0,
                maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1, maxnreg_fwd=0, maxnreg_fwdt=0,
-               maxnreg_chunk=128, maxnreg_adj=0)
+               maxnreg_chunk=128, maxnreg_adj=0, part_rows=64)
     return _override(cfg)
 
 
 _TUNING_KEYS = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "BC", "BD_PASS", "warps_pass",
-                "lane_rs", "reload_bc", "maxnreg_fwd", "maxnreg_fwdt", "maxnreg_chunk", "maxnreg_adj")
+                "lane_rs", "reload_bc", "maxnreg_fwd", "maxnreg_fwdt", "maxnreg_chunk", "maxnreg_adj",
+                "part_rows")
 
 
 def _override(cfg: dict) -> dict:
     """For tuning: GENOMAMBA_SCAN_TILES="T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS[,warps_pass
-    [,lane_rs[,reload_bc[,maxnreg_fwd[,maxnreg_fwdt[,maxnreg_chunk[,maxnreg_adj]]]]]]]]]]]]" (maxnreg 0 =
-    the compiler's choice, warps_pass 0 = per launch; maxnreg_fwd caps the forward's output pass
-    without autograd, maxnreg_fwdt the one that saves tile states)."""
+    [,lane_rs[,reload_bc[,maxnreg_fwd[,maxnreg_fwdt[,maxnreg_chunk[,maxnreg_adj[,part_rows]]]]]]]]]]]]]"
+    (maxnreg 0 = the compiler's choice, warps_pass 0 = per launch; maxnreg_fwd caps the forward's
+    output pass without autograd, maxnreg_fwdt the one that saves tile states; part_rows: the rows
+    the backward's dA / dD / d(delta_bias) partial sums are added into, 0 = one per tile, stored)."""
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override:
         cfg.update({k: int(v) for k, v in zip(_TUNING_KEYS, override.split(","))})
@@ -338,13 +344,23 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     alloc = torch.zeros if atomic_bc else torch.empty
     dB = alloc(Bg.shape, device=dev, dtype=torch.float32)
     dC = alloc(Cg.shape, device=dev, dtype=torch.float32)
-    # Per-tile partial sums (summed below): deterministic, and no atomics in the hot loop.
+    # dA, dD, d(delta_bias): per-tile partial sums, summed below. part_rows = R (the default on the
+    # GPU): tiles add theirs atomically into R shared rows, so there is R x less to write and to
+    # sum. part_rows = 0, and always under torch.use_deterministic_algorithms: one row per tile,
+    # stored, so that these three sums do not depend on the order in which programs run.
     parts = batch * n_tiles
-    # dA's per-tile partials overwrite R: a program reads R for (its tile, a channel block) before
-    # it writes the partials of the same (tile, channel block), and no other program touches them.
-    dA_part = R.view(parts, nstate, dim)
-    dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
-    ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
+    part_rows = 0 if torch.are_deterministic_algorithms_enabled() else min(int(cfg.get("part_rows", 0)), parts)
+    if part_rows:
+        dA_part = torch.zeros(part_rows, nstate, dim, device=dev, dtype=torch.float32)
+        new_part = torch.zeros
+    else:
+        # dA's per-tile partials overwrite R: a program reads R for (its tile, a channel block) before
+        # it writes the partials of the same (tile, channel block), and no other program touches them.
+        dA_part = R.view(parts, nstate, dim)
+        new_part = torch.empty
+    rows = part_rows or parts
+    dD_part = new_part(rows, dim, device=dev, dtype=torch.float32) if Dv is not None else None
+    ddb_part = new_part(rows, dim, device=dev, dtype=torch.float32) if db is not None else None
     dzz = dz if dz is not None else du
     K._bwd_kernel[(n_tiles, batch, groups * nsplit)](
         u, delta, A_nd, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
@@ -361,7 +377,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dA_part.stride(0), dim,
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")), DZ_ACC=bool(dz_accumulate),
-        num_warps=cfg["warps_bwd"], **flags, **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
+        PART_ROWS=part_rows, num_warps=cfg["warps_bwd"], **flags, **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     dA = dA_part.sum(0).t()
     dD = dD_part.sum(0) if dD_part is not None else None
     ddb = ddb_part.sum(0) if ddb_part is not None else None

@@ -611,6 +611,15 @@ def _reduce_round(x, H: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MODE: 
 
 
 @triton.jit
+def _put_partial(ptr, x, mask, PART_ROWS: tl.constexpr):
+    """A partial sum into its row: stored (one row per tile) or added (rows shared by tiles)."""
+    if PART_ROWS > 0:
+        tl.atomic_add(ptr, x, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, x, mask=mask)
+
+
+@triton.jit
 def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr, dz_ptr,
                 pid_b, k, d0, d_end, offs_n, mask_n, p, mask_t, DIM,
                 s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
@@ -655,15 +664,16 @@ def _bwd_kernel(
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, ATOMIC_BC: tl.constexpr, FAST: tl.constexpr,
-    LANE_RS: tl.constexpr, RELOAD_BC: tl.constexpr, DZ_ACC: tl.constexpr,
+    LANE_RS: tl.constexpr, RELOAD_BC: tl.constexpr, DZ_ACC: tl.constexpr, PART_ROWS: tl.constexpr,
 ):
     """Backward pass 3: all gradients of one time tile, looping over the channels of a split.
 
     Tiles are (T, N, BD). h_t is recomputed from the saved tile-entry state, q_t = dL/dh_t from the
     adjoint entering from the right (r0) by one reverse scan (_combine_next). dB and dC
     are accumulated per channel lane across the loop and reduced over channels once at the end.
-    dA, dD and d(delta_bias) are written as per-tile partial sums (row `part` of their buffers) and
-    summed afterwards: no atomics on the hot path.
+    dA, dD and d(delta_bias) are per-tile partial sums, summed afterwards: PART_ROWS = 0 stores
+    them in row `part` of buffers with one row per tile (deterministic); PART_ROWS = R adds them
+    atomically into row `part % R` of R zeroed rows (R x less to write and to sum afterwards).
     """
     k = tl.program_id(0).to(tl.int64)            # tiles on axis 0 (more than 65,535 at 1 Mb)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -686,6 +696,8 @@ def _bwd_kernel(
         dC_acc = tl.zeros((T, BN, BD), dtype=tl.float32)
     is_last = (tl.arange(0, T) == _end_index(T, REVERSE))[:, None, None]
     part = (pid_b * tl.num_programs(0) + k)                     # row of the partial-sum buffers
+    if PART_ROWS > 0:
+        part = part % PART_ROWS
     o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, dz_n = _bwd_inputs(
         u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr, dz_ptr,
         pid_b, k, d_start, d_end, offs_n, mask_n, p, mask_t, DIM,
@@ -740,9 +752,9 @@ def _bwd_kernel(
         du = qb * dt
         if HAS_D:
             du += Dv[None, :] * dy
-            tl.store(dD_ptr + part * s_dD_t + offs_d, tl.sum(tl.where(m2, dy * u, 0.0), axis=0), mask=mask_d)
-        tl.store(dA_ptr + part * s_dA_t + offs_n[:, None] * DIM + offs_d[None, :],
-                 tl.sum(qh * dt[:, None, :], axis=0), mask=mnd)
+            _put_partial(dD_ptr + part * s_dD_t + offs_d, tl.sum(tl.where(m2, dy * u, 0.0), axis=0), mask_d, PART_ROWS)
+        _put_partial(dA_ptr + part * s_dA_t + offs_n[:, None] * DIM + offs_d[None, :],
+                     tl.sum(qh * dt[:, None, :], axis=0), mnd, PART_ROWS)
         if LANE_RS:
             dB_acc += _reduce_scatter(q * dtu[:, None, :], T, BN, BD, LANE_RS)
             dC_acc += _reduce_scatter(hs * dy[:, None, :], T, BN, BD, LANE_RS)
@@ -753,7 +765,7 @@ def _bwd_kernel(
             ddt = tl.where(raw > 20.0, ddt, ddt * _sigmoid(raw, FAST))
         ddt = tl.where(m2, ddt, 0.0)
         if HAS_DB:
-            tl.store(ddb_ptr + part * s_dD_t + offs_d, tl.sum(ddt, axis=0), mask=mask_d)
+            _put_partial(ddb_ptr + part * s_dD_t + offs_d, tl.sum(ddt, axis=0), mask_d, PART_ROWS)
         tl.store(du_ptr + pid_b * s_du_b + offs_d[None, :] * s_du_d + p[:, None], du.to(du_ptr.dtype.element_ty),
                  mask=m2)
         tl.store(ddelta_ptr + pid_b * s_ddl_b + offs_d[None, :] * s_ddl_d + p[:, None],

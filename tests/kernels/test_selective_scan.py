@@ -364,6 +364,44 @@ def test_backward_lane_reduce_scatter(reverse, packed, groups, batch, L, reload_
     compare(make(batch=batch, dim=16, L=L, groups=groups), 1e-5, reverse=reverse, seq_idx=ids)
 
 
+@pytest.mark.parametrize("rows,deterministic", [(0, False), (2, False), (2, True), (64, False)])
+def test_backward_partial_sums_in_shared_rows_or_one_per_tile(rows, deterministic, monkeypatch):
+    """dA, dD and d(delta_bias) from per-tile partial sums: added atomically into `part_rows` shared
+    rows (2: every row gets several tiles; 64: more rows than tiles), or stored one row per tile
+    (0, and always under torch.use_deterministic_algorithms, where two runs agree bit for bit)."""
+    monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"8,4,8,1,1,0,2,8,64,1,1,1,0,0,0,0,{rows}")
+    ss = sys.modules["genomamba_kernels.selective_scan"]
+    launched = []
+    real = ss.K._bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw["PART_ROWS"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(ss.K, "_bwd_kernel", Spy())
+    x = make(batch=2, dim=16, L=45, groups=2)
+    ids = packed_seq_idx(2, 45)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        compare(x, 1e-5, reverse=True, seq_idx=ids)
+        if deterministic:
+            def grads():
+                leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
+                out = selective_scan(*[leaves.get(k) for k in NAMES[:8]], delta_softplus=True, backend="triton",
+                                     initial_state=leaves["initial_state"])
+                out.backward(torch.ones_like(out))
+                return [leaves[k].grad for k in ("A", "D", "delta_bias")]
+            assert all(torch.equal(a, b) for a, b in zip(grads(), grads()))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    expected = 0 if deterministic else min(rows, 2 * 6)     # 2 x 6 tiles of 8 steps
+    assert launched and set(launched) == {expected}
+
+
 def test_lane_reduce_scatter_mode():
     ss = sys.modules["genomamba_kernels.selective_scan"]
     cpu = torch.device("cpu")
