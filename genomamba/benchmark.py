@@ -85,12 +85,20 @@ def measure(model, L: int, *, train: bool, device: str, warmup: int = 2, repeat:
             cuda_graphs: bool = False):
     """(ms per step, peak GiB) for one training step or one inference of `batch` x L tokens.
     cuda_graphs: inference replays a CUDA graph (captured during the warm-up)."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step = _step(model, L, train=train, device=device, batch=batch, cuda_graphs=cuda_graphs)
+    ms = _timer(device, warmup, repeat)(step)
+    return ms, _peak_gib(device)
+
+
+def _step(model, L: int, *, train: bool, device: str, batch: int = 1, cuda_graphs: bool = False):
+    """One training step (forward, masked-LM loss on 15% of positions, backward) or one inference
+    of `batch` x L random bases, as a function of no arguments."""
     gpu = device.startswith("cuda")
     ids = torch.randint(7, 11, (batch, L), device=device)
     mask = torch.rand(batch, L, device=device) < 0.15
-    if gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
     def forward(x):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
@@ -114,26 +122,30 @@ def measure(model, L: int, *, train: bool, device: str, warmup: int = 2, repeat:
                         graphed(ids)
                 else:
                     forward(ids)
-    ms = _timer(device, warmup, repeat)(step)
-    return ms, _peak_gib(device)
+    return step
 
 
-def profile_inference(model, L: int, device: str, rows: int = 15):
-    """Per-kernel time of one inference (torch.profiler): where the time goes."""
+def profile_step(model, L: int, device: str, *, train: bool, rows: int = 15, steps: int = 3):
+    """Per-kernel time of a training step or an inference (torch.profiler, `steps` of them after a
+    warm-up one): where the time goes. Prints the table and returns the GPU (or CPU) ms per step."""
     from torch.profiler import ProfilerActivity, profile
 
     gpu = device.startswith("cuda")
-    ids = torch.randint(7, 11, (1, L), device=device)
-    model.eval()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
-        model(ids)
-        activities = [ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
-        with profile(activities=activities) as prof:
-            model(ids)
-            if gpu:
-                torch.cuda.synchronize()
-    key = "cuda_time_total" if gpu else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    step = _step(model, L, train=train, device=device)
+    step()
+    activities = [ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    per_step = sum(getattr(e, key) for e in events) / steps / 1e3
+    print(f"# {'training step' if train else 'inference'} at L={L:,}: {per_step:.1f} ms of "
+          f"{'GPU' if gpu else 'CPU'} time per step, {steps} steps profiled")
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    return per_step
 
 
 def run_benchmark(args) -> int:
@@ -145,7 +157,8 @@ def run_benchmark(args) -> int:
     lengths = [int(x) for x in args.lengths.split(",") if x]
     model = BiMambaForMaskedLM(cfg).to(device)
     if args.profile:
-        profile_inference(model, args.profile, device)
+        for mode in [m for m in ("train", "infer") if m in args.modes.split(",")]:
+            profile_step(model, args.profile, device, train=mode == "train")
         return 0
     n_params = sum(p.numel() for p in model.parameters())
     rows = []

@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--transformer-max-length", type=int, default=131072)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--repeat", type=int, default=5)
-    b.add_argument("--profile", type=int, default=0, help="instead: per-kernel time of one inference at this L")
+    b.add_argument("--profile", type=int, default=0,
+                   help="instead: per-kernel time of a step at this L, for each of --modes (torch.profiler)")
     b.add_argument("--out", help="write OUT.md and OUT.json")
     _add_device(b)
     b.set_defaults(func=_cmd_benchmark)

@@ -60,3 +60,22 @@ def test_bad_fasta_through_the_cli(tmp_path, data):
     (tmp_path / "t.fa.gz").write_bytes(raw[: len(raw) // 2])
     r = run("windows", str(tmp_path / "t.fa.gz"), "--window", "128", "--out", str(out))
     assert r.returncode == 2 and "t.fa.gz" in r.stderr and not out.exists()
+
+
+def test_benchmark_on_cpu_writes_tables_and_profiles_both_modes(tmp_path, capsys):
+    """`genomamba benchmark` on a CPU: one row per (mode, length) in the Markdown and JSON it
+    writes; --profile prints a per-kernel table for a training step and for an inference."""
+    import json
+
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--d-model", "16", "--n-layer", "2", "--lengths", "128,256", "--warmup", "0",
+                 "--repeat", "1", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["mode"], r["length"]) for r in rows] == [("train", 128), ("train", 256), ("infer", 128), ("infer", 256)]
+    assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
+    assert out.with_suffix(".md").read_text().count("| genomamba BiMamba |") == 4
+    capsys.readouterr()
+    assert main(["benchmark", "--d-model", "16", "--n-layer", "2", "--profile", "128", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "# training step at L=128:" in text and "# inference at L=128:" in text
+    assert "Self CPU" in text
