@@ -752,7 +752,8 @@ def _bwd_kernel(
         du = qb * dt
         if HAS_D:
             du += Dv[None, :] * dy
-            _put_partial(dD_ptr + part * s_dD_t + offs_d, tl.sum(tl.where(m2, dy * u, 0.0), axis=0), mask_d, PART_ROWS)
+            _put_partial(dD_ptr + part * s_dD_t + offs_d, tl.sum(tl.where(m2, dy * u, 0.0), axis=0), mask_d,
+                         PART_ROWS)
         _put_partial(dA_ptr + part * s_dA_t + offs_n[:, None] * DIM + offs_d[None, :],
                      tl.sum(qh * dt[:, None, :], axis=0), mnd, PART_ROWS)
         if LANE_RS:
