@@ -82,7 +82,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False, initial_state=None, reverse=False, seq_idx=None,
-                           chunk_size=256, dtype=torch.float32):
+                           chunk_size=256, dtype=torch.float32, autograd_steps=False):
     """Vectorised selective scan for the CPU: per chunk, the decays and inputs of every step are
     computed at once as (batch, dim, N, T) tensors; the recurrence then runs one fused multiply-add
     per step over (batch, dim, N). Memory is O(batch * dim * N * chunk_size), never a
@@ -93,6 +93,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     history, whose outputs are then read out at once (one product and one sum), and chunks are
     shortened to ~4 MB per (step, batch, dim, N) tensor so that they stay in cache: 1.8-2.8x
     faster CPU inference of a Caduceus-1k-sized model (BENCHMARKS.md, "CPU (no GPU)").
+    With autograd (training) the same forward runs inside `_ChunkedScan`, which keeps only each
+    chunk's entering state and computes the gradients itself, chunk by chunk, instead of
+    recording a handful of autograd nodes per step (`autograd_steps=True` keeps that older form).
     """
     out_dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype)
@@ -100,12 +103,18 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     reset = _reset_mask(seq_idx, reverse)
     h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(dtype)
     inference = not any(t.requires_grad for t in (u, delta, A, B, C, h))
-    if inference:  # two reused (step, batch, dim, N) buffers of at most ~4 MB each
-        chunk_size = max(16, min(chunk_size, L, (1 << 20) // (batch * dim * A.shape[1])))
-        bufs = u.new_empty(2, chunk_size, batch, dim, A.shape[1])
-    starts = list(range(0, L, chunk_size))
     # B and C shared by all channels (no groups) are broadcast views: keep one channel, do not copy.
     B, C = (X[:, :1] if X.stride(1) == 0 else X for X in (B, C))
+    if inference or not autograd_steps:  # chunks of ~4 MB per (step, batch, dim, N) tensor
+        chunk_size = max(16, min(chunk_size, L, (1 << 20) // (batch * dim * A.shape[1])))
+    if not inference and not autograd_steps:
+        keep = None if reset is None else (~reset).to(dtype)
+        y, h = _ChunkedScan.apply(delta, u, A, B, C, h, keep, reverse, chunk_size)
+        out = _finish(y, u, D, z, out_dtype, dtype)
+        return (out, h.float()) if return_last_state else out
+    if inference:  # two reused (step, batch, dim, N) buffers
+        bufs = u.new_empty(2, chunk_size, batch, dim, A.shape[1])
+    starts = list(range(0, L, chunk_size))
     ys = {}
     for s in (reversed(starts) if reverse else starts):
         e = min(s + chunk_size, L)
@@ -154,6 +163,103 @@ def _chunk_inference(dt, A, u, B, C, keep, h, reverse: bool, bufs):
     # contiguous (batch, dim, T): the concatenated output otherwise keeps the permuted strides,
     # and every elementwise op after the scan walks it against memory order
     return prev.clone(), y.permute(1, 2, 0).contiguous()
+
+
+def _step_major(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Steps s..e of a (batch, dim, L) tensor as a contiguous (T, batch, dim, 1) one."""
+    return x[:, :, s:e].permute(2, 0, 1).contiguous()[..., None]
+
+
+def _keep_steps(keep: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
+    """Steps s..e of a (batch, L) 0/1 restart mask as (T, batch, 1, 1)."""
+    return None if keep is None else keep[:, s:e].T.contiguous()[:, :, None, None]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The recurrence h_t = exp(dt_t A) h_t-1 + dt_t u_t B_t, y_t = C_t . h_t over prepared
+    tensors, forward and backward chunk by chunk, for CPU training.
+
+    Forward: the inference form (`_chunk_inference`), keeping each chunk's entering state.
+    Backward, chunk by chunk against the scan: the chunk's states rebuilt from its entering state
+    (one multiply-add per step), the adjoint g_t = dL/dh_t = gy_t C_t + a_t+1 g_t+1 (one more
+    per step), then every gradient from them at once: dA, d(dt), du, dB, dC, d(initial state).
+    Shapes: dt, u (batch, dim, L); A (dim, N); B, C (batch, 1 or dim, N, L); h0 (batch, dim, N);
+    keep: (batch, L) 0 where the state restarts, or None.
+    """
+
+    @staticmethod
+    def forward(ctx, dt, u, A, B, C, h0, keep, reverse, chunk):
+        batch, dim, L = u.shape
+        starts = list(range(0, L, chunk))
+        bufs = u.new_empty(2, min(chunk, L), batch, dim, A.shape[1])
+        h, entry, ys = h0, {}, {}
+        with torch.no_grad():
+            for s in (reversed(starts) if reverse else starts):
+                e = min(s + chunk, L)
+                entry[s] = h
+                h, ys[s] = _chunk_inference(_step_major(dt, s, e), A, u[:, :, s:e], B[..., s:e], C[..., s:e],
+                                            _keep_steps(keep, s, e), h, reverse, bufs)
+            y = torch.cat([ys[s] for s in starts], dim=-1)
+            entries = torch.stack([entry[s] for s in starts])
+        ctx.save_for_backward(dt, u, A, B, C, entries, keep if keep is not None else u.new_empty(0))
+        ctx.reverse, ctx.chunk, ctx.has_keep = reverse, chunk, keep is not None
+        return y, h
+
+    @staticmethod
+    def backward(ctx, gy, gh):
+        dt, u, A, B, C, entries, keep = ctx.saved_tensors
+        keep = keep if ctx.has_keep else None
+        reverse, chunk = ctx.reverse, ctx.chunk
+        batch, dim, L = u.shape
+        nstate = A.shape[1]
+        starts = list(range(0, L, chunk))
+        ddt, du = torch.zeros_like(dt), torch.zeros_like(u)
+        dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
+        gy = gy if gy is not None else torch.zeros_like(u)
+        carry = gh.to(u.dtype) if gh is not None else u.new_zeros(batch, dim, nstate)  # a_next g_next
+        for i in (range(len(starts)) if reverse else range(len(starts) - 1, -1, -1)):
+            s = starts[i]
+            e = min(s + chunk, L)
+            T = e - s
+            dtc, uc = _step_major(dt, s, e), _step_major(u, s, e)                  # (T, batch, dim, 1)
+            Bc = B[..., s:e].permute(3, 0, 1, 2).contiguous()                      # (T, batch, 1|dim, N)
+            Cc = C[..., s:e].permute(3, 0, 1, 2).contiguous()
+            a = (dtc * A).exp_()                                                   # (T, batch, dim, N)
+            kc = _keep_steps(keep, s, e)
+            if kc is not None:
+                a.mul_(kc)
+            hist = (dtc * uc) * Bc                                                 # b_t, then h_t
+            fwd = range(T - 1, -1, -1) if reverse else range(T)
+            hs, decays = hist.unbind(0), a.unbind(0)
+            prev = entries[i]
+            for t in fwd:
+                prev = hs[t].addcmul_(decays[t], prev)
+            g = _step_major(gy, s, e) * Cc                                         # gy_t C_t, then g_t
+            gs = list(g.unbind(0))
+            back = list(fwd)[::-1]                                                 # against the scan
+            gs[back[0]].add_(carry)
+            for t_next, t in zip(back[:-1], back[1:]):
+                gs[t].addcmul_(decays[t_next], gs[t_next])
+            carry = decays[back[-1]] * gs[back[-1]]
+            # the state before each step: the chunk's entering state, then the chunk's own states
+            if reverse:
+                hprev = torch.cat([hist[1:], entries[i][None]])
+            else:
+                hprev = torch.cat([entries[i][None], hist[:-1]])
+            gda = g * hprev * a                                                    # dL/da_t * a_t
+            dA += (gda * dtc).sum((0, 1))
+            gB = (g * Bc).sum(-1)                                                  # (T, batch, dim)
+            ddt[:, :, s:e] = ((gda * A).sum(-1) + gB * uc[..., 0]).permute(1, 2, 0)
+            du[:, :, s:e] = (gB * dtc[..., 0]).permute(1, 2, 0)
+            gbu = g * (dtc * uc)                                                   # dL/dB_t
+            ghc = hist * _step_major(gy, s, e)                                     # dL/dC_t
+            if B.shape[1] == 1:
+                gbu = gbu.sum(2, keepdim=True)
+            if C.shape[1] == 1:
+                ghc = ghc.sum(2, keepdim=True)
+            dB[..., s:e] = gbu.permute(1, 2, 3, 0)
+            dC[..., s:e] = ghc.permute(1, 2, 3, 0)
+        return ddt, du, dA, dB, dC, carry, None, None, None
 
 
 def causal_conv1d_ref(x, weight, bias=None, activation=None, seq_idx=None, reverse=False,
