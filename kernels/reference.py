@@ -228,13 +228,15 @@ class _ChunkedScan(torch.autograd.Function):
             kc = _keep_steps(keep, s, e)
             if kc is not None:
                 a.mul_(kc)
-            hist = (dtc * uc) * Bc                                                 # b_t, then h_t
+            dtu = dtc * uc
+            hist = dtu * Bc                                                        # b_t, then h_t
             fwd = range(T - 1, -1, -1) if reverse else range(T)
             hs, decays = hist.unbind(0), a.unbind(0)
             prev = entries[i]
             for t in fwd:
                 prev = hs[t].addcmul_(decays[t], prev)
-            g = _step_major(gy, s, e) * Cc                                         # gy_t C_t, then g_t
+            gyc = _step_major(gy, s, e)
+            g = gyc * Cc                                                           # gy_t C_t, then g_t
             gs = list(g.unbind(0))
             back = list(fwd)[::-1]                                                 # against the scan
             gs[back[0]].add_(carry)
@@ -251,8 +253,8 @@ class _ChunkedScan(torch.autograd.Function):
             gB = (g * Bc).sum(-1)                                                  # (T, batch, dim)
             ddt[:, :, s:e] = ((gda * A).sum(-1) + gB * uc[..., 0]).permute(1, 2, 0)
             du[:, :, s:e] = (gB * dtc[..., 0]).permute(1, 2, 0)
-            gbu = g * (dtc * uc)                                                   # dL/dB_t
-            ghc = hist * _step_major(gy, s, e)                                     # dL/dC_t
+            gbu = g * dtu                                                          # dL/dB_t
+            ghc = hist * gyc                                                       # dL/dC_t
             if B.shape[1] == 1:
                 gbu = gbu.sum(2, keepdim=True)
             if C.shape[1] == 1:
