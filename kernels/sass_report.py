@@ -41,6 +41,8 @@ OPTIONS = {"chunk": dict(maxnreg=128)}
 _UNIT = {"s_hc_d", "s_do_l"}
 _HALF = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "add_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
          "dz_ptr"}
+# Per-tile state buffers that are bf16 with bf16 inputs (tile_bf16 = 1, the default).
+_TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}}
 
 
 def compile_sm90(name: str):
@@ -60,7 +62,7 @@ def compile_sm90(name: str):
             sig[arg] = "constexpr"
             continue
         if arg.endswith("_ptr"):
-            sig[arg] = "*bf16" if arg in _HALF else ("*i32" if arg == "seq_ptr" else "*fp32")
+            sig[arg] = "*bf16" if arg in _HALF | _TILE_BF16.get(name, set()) else ("*i32" if arg == "seq_ptr" else "*fp32")
         else:
             sig[arg] = "i32"
         attrs[(i,)] = [["tt.divisibility", 16]]

@@ -53,7 +53,7 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
         cfg = dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
-                   FAST=False, lane_rs=1, reload_bc=0, part_rows=3)
+                   FAST=False, lane_rs=1, reload_bc=0, part_rows=3, tile_bf16=1)
         return _override(cfg)
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
     # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements;
@@ -72,25 +72,37 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # rows instead of storing one row per tile (512 MB per scan at (1, 512, 131072)) and summing
     # them afterwards: forward+backward there 4.92 -> 4.62 ms, training step at 131 kb 217 -> 204-206
     # ms (H100, twelfth session; kernels/BENCHMARKS.md).
+    # tile_bf16 = 1: with bf16 inputs the per-tile states the backward's main kernel reads are bf16
+    # (_tile_dtype).
     cfg = dict(T=8, BD=128, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=4, warps_bwd=1, warps_pass=0,
                maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1, maxnreg_fwd=0, maxnreg_fwdt=0,
-               maxnreg_chunk=128, maxnreg_adj=0, part_rows=64)
+               maxnreg_chunk=128, maxnreg_adj=0, part_rows=64, tile_bf16=1)
     return _override(cfg)
 
 
 _TUNING_KEYS = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "BC", "BD_PASS", "warps_pass",
                 "lane_rs", "reload_bc", "maxnreg_fwd", "maxnreg_fwdt", "maxnreg_chunk", "maxnreg_adj",
-                "part_rows")
+                "part_rows", "tile_bf16")
 
 
 def _override(cfg: dict) -> dict:
-    """For tuning: GENOMAMBA_SCAN_TILES="T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS[,warps_pass
-    [,lane_rs[,reload_bc[,maxnreg_fwd[,maxnreg_fwdt[,maxnreg_chunk[,maxnreg_adj[,part_rows]]]]]]]]]]]]]"
+    """For tuning: GENOMAMBA_SCAN_TILES="field=value,..." (any of _TUNING_KEYS) or, positionally,
+    "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS[,warps_pass
+    [,lane_rs[,reload_bc[,maxnreg_fwd[,maxnreg_fwdt[,maxnreg_chunk[,maxnreg_adj[,part_rows[,tile_bf16]]]]]]]]]]]]]]"
     (maxnreg 0 = the compiler's choice, warps_pass 0 = per launch; maxnreg_fwd caps the forward's
     output pass without autograd, maxnreg_fwdt the one that saves tile states; part_rows: the rows
-    the backward's dA / dD / d(delta_bias) partial sums are added into, 0 = one per tile, stored)."""
+    the backward's dA / dD / d(delta_bias) partial sums are added into, 0 = one per tile, stored;
+    tile_bf16: with bf16 inputs, 0 = every per-tile state buffer of the training path in fp32,
+    1 (default) = those the backward's main kernel reads in bf16, 2 = the adjoint pass's as well;
+    see _tile_dtype)."""
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
-    if override:
+    if override and "=" in override:  # named fields, e.g. "tile_bf16=0,part_rows=0"
+        for item in override.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() not in _TUNING_KEYS:
+                raise ValueError(f"GENOMAMBA_SCAN_TILES: unknown field {key.strip()!r} (fields: {', '.join(_TUNING_KEYS)})")
+            cfg[key.strip()] = int(value)
+    elif override:
         cfg.update({k: int(v) for k, v in zip(_TUNING_KEYS, override.split(","))})
     return cfg
 
@@ -156,6 +168,25 @@ def _pass_states(S, SDT, RST, A_nd, h0, H_in, H_last, has_seq: bool, reverse: bo
         BC=bc, BD=cfg["BD_PASS"], HAS_H0=h0 is not None, HAS_SEQ=has_seq, REVERSE=reverse, num_warps=warps)
 
 
+def _tile_dtype(cfg: dict, u: torch.Tensor, level: int = 1) -> torch.dtype:
+    """dtype of a per-tile state buffer of the training path: bf16 for bf16 inputs when
+    tile_bf16 >= level, else fp32. The scan itself always carries its state in fp32.
+
+    Level 1 (the default): the buffers the backward's main kernel reads, the forward's saved
+    tile-entry states and the adjoints entering each tile. Each is a rounded copy of a chain
+    carried in fp32 (the scan's and the passing's), so no rounding feeds a chain or accumulates
+    along the sequence. These buffers are most of what the backward moves (8 bytes per channel and
+    step each, in fp32, against 2 per bf16 input); in bf16 a 131 kb training step took 200 -> 195 ms
+    and 34.6 -> 26.9 GiB, and bf16 gradients stayed within 2.3e-3 of float64 (1.7e-3 with fp32
+    tiles; H100, kernels/BENCHMARKS.md, thirteenth session). Level 2 also stores the adjoint pass's
+    per-tile sums in bf16, which the passing chain adds up: 192 ms, but dA 1.7e-3 from float64
+    instead of 7e-4.
+    """
+    if cfg.get("tile_bf16", 0) >= level and u.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
+
+
 def _as_groups(X: torch.Tensor) -> torch.Tensor:
     X = X if X.stride(-1) == 1 else X.contiguous()
     return X.unsqueeze(1) if X.dim() == 3 else X
@@ -198,7 +229,8 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
     last = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     # State buffers are (batch, tile or chunk, N, dim): a thread holds one channel's N states, and
     # neighbouring threads' channels are neighbours in memory (coalesced, no layout conversion).
-    tiles = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32) if save_tile_states else last
+    tiles = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u)) if save_tile_states \
+        else last
     h0 = None if initial_state is None else initial_state.float().contiguous()
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
     db = None if delta_bias is None else delta_bias.float().contiguous()
@@ -309,7 +341,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         tiles = _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles, BD, cfg, flags)
         dummy = tiles
     # Pass 1: each tile's adjoint contribution from a zero right boundary, and its sum of dt.
-    S = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32)
+    S = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u, 2))
     SDT, RST = _decay_buffers(batch, n_tiles, dim, seq is not None, dev)
     tpp = cfg["TPP"]
     K._adjoint_tile_kernel[(triton.cdiv(n_tiles, tpp), batch, triton.cdiv(dim, BD))](
@@ -322,7 +354,8 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         **_reg_cap(cfg.get("maxnreg_adj", 0), dev))
     # Pass 2: the adjoint entering every tile from the right (and the initial-state gradient),
     # written over S: at 1 Mb each per-tile state buffer is 8 bytes per (channel, position).
-    R = S
+    r_dtype = _tile_dtype(cfg, u)
+    R = S if r_dtype == S.dtype else torch.empty(S.shape, device=dev, dtype=r_dtype)
     dh0 = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     dl = None if dlast is None else dlast.float().contiguous()
     _pass_states(S, SDT, RST, A_nd, dl, R, dh0, seq is not None, True, cfg)
@@ -354,10 +387,13 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dA_part = torch.zeros(part_rows, nstate, dim, device=dev, dtype=torch.float32)
         new_part = torch.zeros
     else:
-        # dA's per-tile partials overwrite R: a program reads R for (its tile, a channel block) before
-        # it writes the partials of the same (tile, channel block), and no other program touches them.
-        dA_part = R.view(parts, nstate, dim)
+        # dA's per-tile partials overwrite S (R, when R is S): a program reads R for (its tile, a
+        # channel block) before it writes the partials of the same (tile, channel block), and no other
+        # program touches them.
+        dA_part = S.view(parts, nstate, dim) if S.dtype == torch.float32 else \
+            torch.empty(parts, nstate, dim, device=dev, dtype=torch.float32)
         new_part = torch.empty
+    del S
     rows = part_rows or parts
     dD_part = new_part(rows, dim, device=dev, dtype=torch.float32) if Dv is not None else None
     ddb_part = new_part(rows, dim, device=dev, dtype=torch.float32) if db is not None else None
@@ -407,8 +443,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplu
       out_add=None):
     batch, dim, L = u.shape
     nstate = A.shape[1]
-    T = _tile_config(nstate, u.device)["T"]
-    tiles = u.new_empty(batch, triton.cdiv(L, T), nstate, dim, dtype=torch.float32) if save_tiles else \
+    cfg = _tile_config(nstate, u.device)
+    tiles = u.new_empty(batch, triton.cdiv(L, cfg["T"]), nstate, dim, dtype=_tile_dtype(cfg, u)) if save_tiles else \
         u.new_empty(0, dtype=torch.float32)
     return torch.empty_like(u), u.new_empty(batch, dim, nstate, dtype=torch.float32), tiles
 
@@ -468,8 +504,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     seq_idx (batch, L) or cu_seqlens (groups+1,) for batch 1: reset the state at boundaries of
     packed sequences; backend: "triton", "torch" or None (see the module docstring);
     recompute_states (Triton path): the forward keeps no per-tile states for the backward (float32,
-    N x 4 bytes per channel every 8 steps: 4 GiB for (1, 512, 2^20)); the backward rebuilds them
-    (~40% more backward time, measured at 131,072 and 2^20). For memory-bound (checkpointed) training.
+    N x 4 bytes per channel every 8 steps: 4 GiB for (1, 512, 2^20); bf16 and half that with bf16
+    inputs); the backward rebuilds them in float32 (~40% more backward time, measured at 131,072
+    and 2^20). For memory-bound (checkpointed) training.
+    Precision: the scan carries its state in float32. With bf16 inputs, the states the Triton
+    backward reads per 8-step tile are stored in bf16 (GENOMAMBA_SCAN_TILES="tile_bf16=0" keeps
+    them in float32): a 131 kb training step ~2.5% faster with ~22% less memory, gradients within
+    ~2.3e-3 of float64 instead of ~1.7e-3 (the bf16 rounding of du itself).
     out_add (like u): returned out is out_add + the scan's output, added inside the output pass (a
     bidirectional block's second direction: no separate elementwise add, one rounding).
     Returns out (batch, dim, L) in u's dtype, and with return_last_state the float32 state after

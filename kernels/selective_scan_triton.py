@@ -330,7 +330,7 @@ def _pass_block(S_ptr, SDT_ptr, RST_ptr, base, base_t, base_r, s_c, s_t_c, A2, m
     else:
         c = j.to(tl.int64)
     mm = mj[:, None] & mask_d[None, :]
-    s = tl.load(S_ptr + base + c[:, None] * s_c, mask=mm, other=0.0)
+    s = tl.load(S_ptr + base + c[:, None] * s_c, mask=mm, other=0.0).to(tl.float32)
     sdt = tl.load(SDT_ptr + base_t + c[:, None] * s_t_c, mask=mm, other=0.0)
     p = tl.exp2(A2[None, :] * sdt)                     # exp(A * sum of dt) = product of the decays
     if HAS_SEQ:
@@ -641,8 +641,8 @@ def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, 
     else:
         zz = dout
     hoff = pid_b * s_h_b + k * s_h_c + offs_n[:, None] * s_h_n + offs_d[None, :]
-    h0 = tl.load(Htile_ptr + hoff, mask=mnd, other=0.0)
-    r0 = tl.load(Rtile_ptr + hoff, mask=mnd, other=0.0)
+    h0 = tl.load(Htile_ptr + hoff, mask=mnd, other=0.0).to(tl.float32)
+    r0 = tl.load(Rtile_ptr + hoff, mask=mnd, other=0.0).to(tl.float32)
     if DZ_ACC:
         dz0 = _load_td(dz_ptr, pid_b * s_dz_b, s_dz_d, offs_d, mask_d, p, mask_t)
     else:

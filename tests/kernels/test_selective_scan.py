@@ -514,3 +514,47 @@ def test_register_caps_are_tuning_keys_and_cuda_only(monkeypatch):
     assert ss._reg_cap(cfg["maxnreg_chunk"], torch.device("cpu")) == {}
     assert ss._reg_cap(cfg["maxnreg_chunk"], torch.device("cuda")) == {"maxnreg": 96}
     assert ss._reg_cap(0, torch.device("cuda")) == {}
+
+
+def test_tuning_fields_by_name(monkeypatch):
+    """GENOMAMBA_SCAN_TILES also takes named fields, and names an unknown one in its error."""
+    ss = sys.modules["genomamba_kernels.selective_scan"]
+    monkeypatch.setenv("GENOMAMBA_SCAN_TILES", "tile_bf16=0, part_rows=5")
+    cfg = ss._tile_config(4, torch.device("cpu"))
+    assert (cfg["tile_bf16"], cfg["part_rows"], cfg["T"]) == (0, 5, 8)
+    monkeypatch.setenv("GENOMAMBA_SCAN_TILES", "tile_bf16=1,tiles=3")
+    with pytest.raises(ValueError, match="unknown field 'tiles'"):
+        ss._tile_config(4, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, None])
+def test_tile_states_in_bf16_for_bf16_inputs(level, monkeypatch):
+    """With bf16 inputs the training path keeps its per-tile state buffers in bf16: tile_bf16 = 1
+    those the backward's main kernel reads (the forward's tile-entry states, the adjoints entering
+    each tile; the default, None here), 2 the adjoint pass's per-tile sums as well. Gradients stay
+    within the bf16 tolerance of float64; float32 inputs keep float32 buffers and their accuracy."""
+    if level is not None:
+        monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"tile_bf16={level}")
+    ss = sys.modules["genomamba_kernels.selective_scan"]
+    seen = []
+
+    def spy(name, positions):
+        real = getattr(ss.K, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    seen.append({p: args[i].dtype for p, i in positions.items()})
+                    return real[grid](*args, **kw)
+                return launch
+        monkeypatch.setattr(ss.K, name, Spy())
+
+    spy("_adjoint_tile_kernel", {"S": 8})
+    spy("_bwd_kernel", {"H": 10, "R": 11})
+    lvl = 1 if level is None else level
+    bf, f32 = torch.bfloat16, torch.float32
+    compare(make(batch=2, dim=16, L=45, groups=2, dtype=bf), 1e-2, reverse=True, seq_idx=packed_seq_idx(2, 45))
+    assert seen == [{"S": bf if lvl >= 2 else f32}, {"H": bf if lvl >= 1 else f32, "R": bf if lvl >= 1 else f32}]
+    seen.clear()
+    compare(make(batch=2, dim=16, L=45), 1e-5)
+    assert seen == [{"S": f32}, {"H": f32, "R": f32}]
