@@ -3,6 +3,7 @@
     python -m genomamba_kernels.bench            # correctness, then the DESIGN.md shapes
     python -m genomamba_kernels.bench --quick    # correctness and the two smallest shapes
     python -m genomamba_kernels.bench --conv     # correctness, then the conv1d timings
+    python -m genomamba_kernels.bench --tile-states   # gradient accuracy of bf16 per-tile states
 
 Prints one table: shape, forward ms, forward+backward ms, achieved GB/s of the minimal bytes,
 exponentials per second, and the ratio to mamba_ssm (measured live when mamba_ssm is importable,
@@ -203,6 +204,40 @@ def check_long_grad(dim=1536, L=1 << 20, seg=4096):
         sys.exit("long-sequence gradient check failed")
 
 
+def check_tile_states(dim=256, lengths=(32768, 262144), slow=0.01):
+    """Gradient accuracy of the per-tile state buffers' precision (GENOMAMBA_SCAN_TILES tile_bf16
+    0 = fp32, 1 = the default, 2): bf16 inputs, the benchmark's decays (~55 steps) and decays 1/slow
+    times longer; against float64 autograd through the chunked PyTorch path up to 32,768 steps,
+    beyond that against tile_bf16 = 0. Prints the relative error of every gradient."""
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    saved = os.environ.get("GENOMAMBA_SCAN_TILES")
+    try:
+        for scale, L in [(1.0, lengths[0])] + [(slow, n) for n in lengths]:
+            t = make_inputs(1, dim, L, torch.bfloat16)
+            t["A"] = t["A"] * scale
+            g = torch.randn(1, dim, L, device="cuda", dtype=torch.bfloat16)
+            ref = None
+            if L <= 32768:
+                ref = [t[k].detach().double().requires_grad_() for k in names]
+                selective_scan_chunked(*ref, delta_softplus=True, dtype=torch.float64).backward(g.double())
+                ref = [a.grad for a in ref]
+            grads = {}
+            for level in (0, 1, 2):
+                os.environ["GENOMAMBA_SCAN_TILES"] = f"tile_bf16={level}"
+                x = [t[k].detach().clone().requires_grad_() for k in names]
+                selective_scan(*x, delta_softplus=True).backward(g)
+                grads[level] = [a.grad for a in x]
+            for level in (0, 1, 2):
+                against, what = (ref, "float64") if ref is not None else (grads[0], "tile_bf16=0")
+                errs = ", ".join(f"d{k} {rel(a, b):.1e}" for k, a, b in zip(names, grads[level], against))
+                print(f"  tile states (1, {dim}, {L}) bf16, A x {scale:g}, tile_bf16={level} vs {what}: {errs}")
+    finally:
+        if saved is None:
+            os.environ.pop("GENOMAMBA_SCAN_TILES", None)
+        else:
+            os.environ["GENOMAMBA_SCAN_TILES"] = saved
+
+
 def time_shape(batch, dim, L, bench):
     t = make_inputs(batch, dim, L, torch.bfloat16, grad=True)
     args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
@@ -255,6 +290,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="per-kernel GPU time of one forward+backward on each shape (torch.profiler)")
     ap.add_argument("--conv", action="store_true", help="instead of the scan table: the conv1d timings")
+    ap.add_argument("--tile-states", action="store_true",
+                    help="instead of the table: gradient accuracy with per-tile states in fp32 / bf16")
     ap.add_argument("--sweep", default=None,
                     help="tile configs 'T,BD,BD_BWD,warps,warps_bwd;...' timed on --shapes before the table")
     args = ap.parse_args(argv)
@@ -267,6 +304,9 @@ def main(argv=None):
     kind = "H200" if "H200" in name else ("H100" if "H100" in name else None)
     print(f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; "
           f"{datetime.date.today().isoformat()}; tiles {os.environ.get('GENOMAMBA_SCAN_TILES', 'default')}")
+    if args.tile_states:  # a check of its own: the others are not run first
+        check_tile_states()
+        return
     if not args.no_check:
         check_small(torch.float32, 1e-5)
         check_small(torch.bfloat16, 1e-2)
