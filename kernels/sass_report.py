@@ -62,7 +62,8 @@ def compile_sm90(name: str):
             sig[arg] = "constexpr"
             continue
         if arg.endswith("_ptr"):
-            sig[arg] = "*bf16" if arg in _HALF | _TILE_BF16.get(name, set()) else ("*i32" if arg == "seq_ptr" else "*fp32")
+            half = _HALF | _TILE_BF16.get(name, set())
+            sig[arg] = "*bf16" if arg in half else ("*i32" if arg == "seq_ptr" else "*fp32")
         else:
             sig[arg] = "i32"
         attrs[(i,)] = [["tt.divisibility", 16]]

@@ -100,7 +100,8 @@ def _override(cfg: dict) -> dict:
         for item in override.split(","):
             key, _, value = item.partition("=")
             if key.strip() not in _TUNING_KEYS:
-                raise ValueError(f"GENOMAMBA_SCAN_TILES: unknown field {key.strip()!r} (fields: {', '.join(_TUNING_KEYS)})")
+                raise ValueError(f"GENOMAMBA_SCAN_TILES: unknown field {key.strip()!r} "
+                                 f"(fields: {', '.join(_TUNING_KEYS)})")
             cfg[key.strip()] = int(value)
     elif override:
         cfg.update({k: int(v) for k, v in zip(_TUNING_KEYS, override.split(","))})
@@ -176,8 +177,8 @@ def _tile_dtype(cfg: dict, u: torch.Tensor, level: int = 1) -> torch.dtype:
     tile-entry states and the adjoints entering each tile. Each is a rounded copy of a chain
     carried in fp32 (the scan's and the passing's), so no rounding feeds a chain or accumulates
     along the sequence. These buffers are most of what the backward moves (8 bytes per channel and
-    step each, in fp32, against 2 per bf16 input); in bf16 a 131 kb training step took 200 -> 195 ms
-    and 34.6 -> 26.9 GiB, and bf16 gradients stayed within 2.3e-3 of float64 (1.7e-3 with fp32
+    step each, in fp32, against 2 per bf16 input); in bf16 a 131 kb training step took 202 -> 195.6
+    ms and 34.6 -> 26.9 GiB, and bf16 gradients stayed within 2.3e-3 of float64 (1.7e-3 with fp32
     tiles; H100, kernels/BENCHMARKS.md, thirteenth session). Level 2 also stores the adjoint pass's
     per-tile sums in bf16, which the passing chain adds up: 192 ms, but dA 1.7e-3 from float64
     instead of 7e-4.
@@ -353,7 +354,8 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         BD=BD, BN=BN, T=T, HAS_Z=z is not None, num_warps=cfg["warps"], **flags,
         **_reg_cap(cfg.get("maxnreg_adj", 0), dev))
     # Pass 2: the adjoint entering every tile from the right (and the initial-state gradient),
-    # written over S: at 1 Mb each per-tile state buffer is 8 bytes per (channel, position).
+    # written over S (at 1 Mb each fp32 per-tile state buffer is 8 bytes per (channel, position)),
+    # or into a bf16 buffer of its own when S is fp32 and R bf16 (tile_bf16 = 1).
     r_dtype = _tile_dtype(cfg, u)
     R = S if r_dtype == S.dtype else torch.empty(S.shape, device=dev, dtype=r_dtype)
     dh0 = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
@@ -509,7 +511,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     and 2^20). For memory-bound (checkpointed) training.
     Precision: the scan carries its state in float32. With bf16 inputs, the states the Triton
     backward reads per 8-step tile are stored in bf16 (GENOMAMBA_SCAN_TILES="tile_bf16=0" keeps
-    them in float32): a 131 kb training step ~2.5% faster with ~22% less memory, gradients within
+    them in float32): a 131 kb training step ~3% faster with ~22% less memory, gradients within
     ~2.3e-3 of float64 instead of ~1.7e-3 (the bf16 rounding of du itself).
     out_add (like u): returned out is out_add + the scan's output, added inside the output pass (a
     bidirectional block's second direction: no separate elementwise add, one rounding).

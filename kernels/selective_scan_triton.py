@@ -29,7 +29,9 @@ Passes (DESIGN.md section 4 says why):
 * reverse=True visits physical tiles from the end of the sequence and scans each right to left:
   loads stay in increasing address order and nothing is flipped in memory.
 * seq_idx resets the state (a_t = 0) where the sequence id changes. All offsets are 64-bit.
-* State buffers are (batch, tile or chunk, N, dim): channels contiguous, like the threads.
+* State buffers are (batch, tile or chunk, N, dim): channels contiguous, like the threads; fp32,
+  except the training path's per-tile copies with bf16 inputs (selective_scan._tile_dtype): the
+  kernels store whatever dtype they are given and compute in fp32.
 """
 
 from __future__ import annotations
