@@ -53,7 +53,7 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
         cfg = dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
-                   FAST=False, lane_rs=1, reload_bc=0, part_rows=3, tile_bf16=1)
+                   FAST=False, lane_rs=1, reload_bc=0, part_rows=3, tile_bf16=0)
         return _override(cfg)
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
     # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements;
@@ -73,7 +73,9 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # them afterwards: forward+backward there 4.92 -> 4.62 ms, training step at 131 kb 217 -> 204-206
     # ms (H100, twelfth session; kernels/BENCHMARKS.md).
     # tile_bf16 = 1: with bf16 inputs the per-tile states the backward's main kernel reads are bf16
-    # (_tile_dtype).
+    # (_tile_dtype). The interpreter's default stays 0: on CI's tiny shapes (a few tiles, sums of a
+    # few dozen terms) bf16 states put dA above the 1e-2 bf16 tolerance for about 1 seed in 160;
+    # tests select the levels explicitly.
     cfg = dict(T=8, BD=128, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=4, warps_bwd=1, warps_pass=0,
                maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1, maxnreg_fwd=0, maxnreg_fwdt=0,
                maxnreg_chunk=128, maxnreg_adj=0, part_rows=64, tile_bf16=1)
@@ -173,7 +175,7 @@ def _tile_dtype(cfg: dict, u: torch.Tensor, level: int = 1) -> torch.dtype:
     """dtype of a per-tile state buffer of the training path: bf16 for bf16 inputs when
     tile_bf16 >= level, else fp32. The scan itself always carries its state in fp32.
 
-    Level 1 (the default): the buffers the backward's main kernel reads, the forward's saved
+    Level 1 (the GPU default): the buffers the backward's main kernel reads, the forward's saved
     tile-entry states and the adjoints entering each tile. Each is a rounded copy of a chain
     carried in fp32 (the scan's and the passing's), so no rounding feeds a chain or accumulates
     along the sequence. These buffers are most of what the backward moves (8 bytes per channel and

@@ -527,14 +527,22 @@ def test_tuning_fields_by_name(monkeypatch):
         ss._tile_config(4, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("level", [0, 1, 2, None])
+def test_tile_states_default_to_bf16_on_the_gpu_only(monkeypatch):
+    """tile_bf16 is 1 on the GPU and 0 under the interpreter (see _tile_config)."""
+    ss = sys.modules["genomamba_kernels.selective_scan"]
+    monkeypatch.delenv("GENOMAMBA_SCAN_TILES", raising=False)
+    assert ss._tile_config(16, torch.device("cpu"))["tile_bf16"] == 0
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ss._tile_config(16, torch.device("cuda"))["tile_bf16"] == 1
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
 def test_tile_states_in_bf16_for_bf16_inputs(level, monkeypatch):
     """With bf16 inputs the training path keeps its per-tile state buffers in bf16: tile_bf16 = 1
-    those the backward's main kernel reads (the forward's tile-entry states, the adjoints entering
-    each tile; the default, None here), 2 the adjoint pass's per-tile sums as well. Gradients stay
+    (the GPU default) those the backward's main kernel reads (the forward's tile-entry states, the
+    adjoints entering each tile), 2 the adjoint pass's per-tile sums as well. Gradients stay
     within the bf16 tolerance of float64; float32 inputs keep float32 buffers and their accuracy."""
-    if level is not None:
-        monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"tile_bf16={level}")
+    monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"tile_bf16={level}")
     ss = sys.modules["genomamba_kernels.selective_scan"]
     seen = []
 
@@ -551,10 +559,9 @@ def test_tile_states_in_bf16_for_bf16_inputs(level, monkeypatch):
 
     spy("_adjoint_tile_kernel", {"S": 8})
     spy("_bwd_kernel", {"H": 10, "R": 11})
-    lvl = 1 if level is None else level
     bf, f32 = torch.bfloat16, torch.float32
     compare(make(batch=2, dim=16, L=45, groups=2, dtype=bf), 1e-2, reverse=True, seq_idx=packed_seq_idx(2, 45))
-    assert seen == [{"S": bf if lvl >= 2 else f32}, {"H": bf if lvl >= 1 else f32, "R": bf if lvl >= 1 else f32}]
+    assert seen == [{"S": bf if level >= 2 else f32}, {"H": bf if level >= 1 else f32, "R": bf if level >= 1 else f32}]
     seen.clear()
     compare(make(batch=2, dim=16, L=45), 1e-5)
     assert seen == [{"S": f32}, {"H": f32, "R": f32}]
