@@ -41,7 +41,7 @@ OPTIONS = {"chunk": dict(maxnreg=128)}
 _UNIT = {"s_hc_d", "s_do_l"}
 _HALF = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "add_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
          "dz_ptr"}
-# Per-tile state buffers that are bf16 with bf16 inputs (tile_bf16 = 1, the default).
+# Per-tile state buffers that are bf16 with bf16 inputs (tile_bf16 = 1, the GPU default).
 _TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}}
 
 

@@ -95,7 +95,7 @@ def _override(cfg: dict) -> dict:
     output pass without autograd, maxnreg_fwdt the one that saves tile states; part_rows: the rows
     the backward's dA / dD / d(delta_bias) partial sums are added into, 0 = one per tile, stored;
     tile_bf16: with bf16 inputs, 0 = every per-tile state buffer of the training path in fp32,
-    1 (default) = those the backward's main kernel reads in bf16, 2 = the adjoint pass's as well;
+    1 (the GPU default) = those the backward's main kernel reads in bf16, 2 = the adjoint pass's as well;
     see _tile_dtype)."""
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override and "=" in override:  # named fields, e.g. "tile_bf16=0,part_rows=0"
@@ -511,8 +511,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     N x 4 bytes per channel every 8 steps: 4 GiB for (1, 512, 2^20); bf16 and half that with bf16
     inputs); the backward rebuilds them in float32 (~40% more backward time, measured at 131,072
     and 2^20). For memory-bound (checkpointed) training.
-    Precision: the scan carries its state in float32. With bf16 inputs, the states the Triton
-    backward reads per 8-step tile are stored in bf16 (GENOMAMBA_SCAN_TILES="tile_bf16=0" keeps
+    Precision: the scan carries its state in float32. With bf16 inputs on a GPU, the states the
+    Triton backward reads per 8-step tile are stored in bf16 (GENOMAMBA_SCAN_TILES="tile_bf16=0" keeps
     them in float32): a 131 kb training step ~3% faster with ~22% less memory, gradients within
     ~2.3e-3 of float64 instead of ~1.7e-3 (the bf16 rounding of du itself).
     out_add (like u): returned out is out_add + the scan's output, added inside the output pass (a
