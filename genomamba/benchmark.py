@@ -99,6 +99,9 @@ def _step(model, L: int, *, train: bool, device: str, batch: int = 1, cuda_graph
     gpu = device.startswith("cuda")
     ids = torch.randint(7, 11, (batch, L), device=device)
     mask = torch.rand(batch, L, device=device) < 0.15
+    # The loss as MaskedLMModule computes it: unmasked positions ignored (-100, IGNORE_INDEX), not
+    # selected by boolean indexing, whose output size stalls the host until the forward is done.
+    labels = ids.masked_fill(~mask, -100)
 
     def forward(x):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
@@ -109,7 +112,7 @@ def _step(model, L: int, *, train: bool, device: str, batch: int = 1, cuda_graph
 
         def step():
             logits = forward(ids.masked_fill(mask, 3))
-            F.cross_entropy(logits[mask].float(), ids[mask]).backward()
+            F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
             model.zero_grad(set_to_none=True)
     else:
         model.eval()

@@ -111,7 +111,10 @@ def check_small(dtype, tol):
 
 def check_conv(dtype, tol, dim=256, L=3001, device="cuda"):
     """conv1d forward and every gradient (x, weight, bias) vs autograd through the float64
-    reference: forward / reverse, packed sequences or not, widths 3 and 4."""
+    reference: forward / reverse, packed sequences or not, widths 3 and 4; then both directions
+    of a bidirectional block in one pass (_conv_fwd / conv_bwd with weight2)."""
+    from .causal_conv1d import _conv_fwd, conv_bwd
+
     worst = 0.0
     for rev, packed, width in itertools.product((False, True), (False, True), (4, 3)):
         x = torch.randn(2, dim, L, device=device, dtype=dtype)
@@ -128,7 +131,26 @@ def check_conv(dtype, tol, dim=256, L=3001, device="cuda"):
         (out.double() * g).sum().backward()
         (out_ref * g).sum().backward()
         worst = max([worst, rel(out, out_ref)] + [rel(p.grad, q.grad) for p, q in zip(ours, ref)])
-    print(f"  check conv1d {str(dtype)} (out, dx, dw, dbias; reverse, packed, widths 3/4): max rel err {worst:.2e}")
+    for packed, width in itertools.product((False, True), (4, 3)):   # both directions in one pass
+        x = torch.randn(2, dim, L, device=device, dtype=dtype)
+        p = [torch.randn(dim, width, device=device), torch.randn(dim, device=device)] * 2
+        p[2] = torch.randn(dim, width, device=device)
+        p[3] = torch.randn(dim, device=device)
+        seq = None
+        if packed:
+            seq = torch.zeros(2, L, dtype=torch.int32, device=device)
+            seq[:, L // 3:], seq[:, L // 3 + 3:], seq[1, L - 2:] = 1, 2, 3
+        outs = _conv_fwd(x, p[0], p[1], seq, True, False, p[2], p[3])
+        ref = [t.double().requires_grad_() for t in (x, *p)]
+        refs = [causal_conv1d_ref(ref[0], ref[1 + 2 * r], ref[2 + 2 * r], activation="silu", seq_idx=seq,
+                                  reverse=bool(r), dtype=torch.float64) for r in (0, 1)]
+        gs = [torch.randn_like(o) for o in refs]
+        sum((o * g).sum() for o, g in zip(refs, gs)).backward()
+        grads = conv_bwd(gs[0].to(dtype), x, p[0], p[1], seq, True, False, dout2=gs[1].to(dtype), weight2=p[2],
+                         bias2=p[3])
+        worst = max([worst] + [rel(o, r) for o, r in zip(outs, refs)] + [rel(g, r.grad) for g, r in zip(grads, ref)])
+    print(f"  check conv1d {str(dtype)} (out, dx, dw, dbias; reverse, packed, widths 3/4, both directions in one "
+          f"pass): max rel err {worst:.2e}")
     if not worst < tol:
         sys.exit("conv1d correctness check failed")
 
@@ -137,23 +159,31 @@ CONV_SHAPES = [(8, 1536, 2048), (1, 512, 131072), (1, 1536, 131072), (1, 512, 10
 
 
 def time_conv(do_bench, shapes=None, device="cuda"):
-    """conv1d (width 4, SiLU, bias, bf16) forward and backward medians; GB/s of the minimal bytes
-    (forward: read x, write out; backward: read x and dout, write dx)."""
+    """conv1d (width 4, SiLU, bias, bf16) forward and backward medians, each direction alone and
+    both directions of a bidirectional block in one pass; GB/s of the minimal bytes (one
+    direction: the forward reads x and writes out, the backward reads x and dout and writes dx;
+    both: x read once, two outputs / two douts)."""
     from .causal_conv1d import _conv_fwd, conv_bwd
 
-    print("\n| conv1d shape (B, D, L) | fwd us | bwd us | bwd reverse=True us | fwd GB/s | bwd GB/s |")
-    print("|---|---|---|---|---|---|")
+    print("\n| conv1d shape (B, D, L) | fwd us | fwd reverse us | bwd us | bwd reverse us | both fwd us "
+          "| both bwd us | fwd GB/s | bwd GB/s | both fwd GB/s | both bwd GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, dim, L in shapes or CONV_SHAPES:
         x = torch.randn(batch, dim, L, device=device, dtype=torch.bfloat16)
-        dout = torch.randn_like(x)
+        dout, dout2 = torch.randn_like(x), torch.randn_like(x)
         w, b = torch.randn(dim, 4, device=device), torch.randn(dim, device=device)
+        w2, b2 = torch.randn(dim, 4, device=device), torch.randn(dim, device=device)
         fwd = do_bench(lambda: _conv_fwd(x, w, b, None, True, False))
+        fwd_rev = do_bench(lambda: _conv_fwd(x, w, b, None, True, True))
         bwd = do_bench(lambda: conv_bwd(dout, x, w, b, None, True, False))
         bwd_rev = do_bench(lambda: conv_bwd(dout, x, w, b, None, True, True))
+        both_fwd = do_bench(lambda: _conv_fwd(x, w, b, None, True, False, w2, b2))
+        both_bwd = do_bench(lambda: conv_bwd(dout, x, w, b, None, True, False, dout2=dout2, weight2=w2, bias2=b2))
         nbytes = x.numel() * x.element_size()
-        print(f"| {(batch, dim, L)} | {fwd * 1e3:.1f} | {bwd * 1e3:.1f} | {bwd_rev * 1e3:.1f} | "
-              f"{2 * nbytes / fwd / 1e6:.0f} | {3 * nbytes / bwd / 1e6:.0f} |")
-        del x, dout
+        print(f"| {(batch, dim, L)} | {fwd * 1e3:.1f} | {fwd_rev * 1e3:.1f} | {bwd * 1e3:.1f} | {bwd_rev * 1e3:.1f} | "
+              f"{both_fwd * 1e3:.1f} | {both_bwd * 1e3:.1f} | {2 * nbytes / fwd / 1e6:.0f} | {3 * nbytes / bwd / 1e6:.0f} | "
+              f"{3 * nbytes / both_fwd / 1e6:.0f} | {4 * nbytes / both_bwd / 1e6:.0f} |")
+        del x, dout, dout2
         if device == "cuda":
             torch.cuda.empty_cache()
 

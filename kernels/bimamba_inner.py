@@ -9,8 +9,9 @@ Why: run as separate autograd nodes, the two directions' gradients meet in eleme
 (four per layer: z's, the conv input's, and each direction's conv output, read by both the scan
 and x_proj) and the split of xz concatenates its two gradients. Here the backward writes them in
 place: both scans write dz into the z half of one dxz buffer (the second adds to what the first
-wrote, inside the kernel), both convs write dx into its x half the same way, and x_proj's input
-gradient is added to the scan's du by the GEMM (beta = 1).
+wrote, inside the kernel), one conv backward computes both directions' shares of dx from one read
+of x and writes their sum into its x half, and x_proj's input gradient is added to the scan's du
+by the GEMM (beta = 1). The forward computes both convs from one read of x too.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backwa
     x_proj output, dt, per-tile states or an empty tensor) when for_backward."""
     d = xz.shape[1] // 2
     xi, z = xz[:, :d], xz[:, d:]
+    fwd_p, rev_p = params[:N_DIRECTION_PARAMS], params[N_DIRECTION_PARAMS:]
+    # Both convs from one read of xi: the causal one with the forward direction's weights, the
+    # anti-causal one with the reverse direction's.
+    convs = _conv_fwd(xi, fwd_p[0], fwd_p[1], seq_idx, True, False, rev_p[0], rev_p[1])
     saved, y = [], None
     for i, (reverse, recompute) in enumerate(((False, recompute_fwd), (True, recompute_rev))):
         cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
         nstate, rank = A_log.shape[1], wdt.shape[1]
-        xc = _conv_fwd(xi, cw, cb, seq_idx, True, reverse)
+        xc = convs[i]
         xdbl = _project(wx, xc)                                       # (batch, R + 2N, L)
         dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
         dt = _project(wdt, dtl)                                       # (batch, d_inner, L)
@@ -71,6 +76,7 @@ class _BiMambaInner(torch.autograd.Function):
         dxz = torch.empty_like(xz)
         dxi, dz = dxz[:, :d], dxz[:, d:]
         grads = [None] * (2 * N_DIRECTION_PARAMS)
+        dus = [None, None]
         # The reverse direction first, as separate nodes would run: its kept states are freed
         # (under checkpointing) before the forward direction's backward rebuilds its own.
         for i in (1, 0):
@@ -93,12 +99,19 @@ class _BiMambaInner(torch.autograd.Function):
             dwx = torch.bmm(dxdbl, xc.transpose(1, 2)).sum(0, dtype=torch.float32)
             wx_t = wx.to(du.dtype).t().unsqueeze(0).expand(du.shape[0], -1, -1)
             du.baddbmm_(wx_t, dxdbl)                                      # + x_proj's input gradient
-            del dxdbl
-            _, dcw, dcb = conv_bwd(du, xi, cw, cb, seq_idx, True, reverse, dx_out=dxi, accumulate=second)
+            del dxdbl, xc
+            dus[i] = du                                                   # the conv output's gradient
             del du
-            grads[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS] = [
-                dcw.to(cw.dtype), dcb.to(cb.dtype) if cb is not None else None, dwx.to(wx.dtype), dwdt.to(wdt.dtype),
-                ddb.to(bdt.dtype), (dA * A).to(A_log.dtype), dD.to(D.dtype)]
+            grads[i * N_DIRECTION_PARAMS + 2:(i + 1) * N_DIRECTION_PARAMS] = [
+                dwx.to(wx.dtype), dwdt.to(wdt.dtype), ddb.to(bdt.dtype), (dA * A).to(A_log.dtype), dD.to(D.dtype)]
+        # Both convs' backward in one pass over xi, writing dx into the x half of dxz.
+        (cw, cb), (cw_r, cb_r) = params[0:2], params[N_DIRECTION_PARAMS:N_DIRECTION_PARAMS + 2]
+        _, dcw, dcb, dcw_r, dcb_r = conv_bwd(dus[0], xi, cw, cb, seq_idx, True, False, dx_out=dxi,
+                                             dout2=dus[1], weight2=cw_r, bias2=cb_r)
+        del dus
+        grads[0:2] = [dcw.to(cw.dtype), dcb.to(cb.dtype) if cb is not None else None]
+        grads[N_DIRECTION_PARAMS:N_DIRECTION_PARAMS + 2] = [dcw_r.to(cw_r.dtype),
+                                                            dcb_r.to(cb_r.dtype) if cb_r is not None else None]
         return (dxz, None, None, None, *grads)
 
 

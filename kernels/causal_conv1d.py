@@ -114,33 +114,51 @@ def _load_rows(x_ptr, row, md, t, L):
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, L, DIM, W,
-                     s_x_b, s_x_d, s_o_b, s_o_d, s_seq_b,
-                     BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """out = silu(conv(x) + bias) on a (BD, BT / 4, 4) tile: x read as two row-aligned tiles (this
-    one and the one a row earlier, later when REVERSE), the taps shifted in registers."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
-    mask_d = offs_d < DIM
-    md = mask_d[:, None, None]
-    row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
-    t = _tile_positions(tl.program_id(2).to(tl.int64), BT)
-    x_here = _load_rows(x_ptr, row, md, t, L)
-    if REVERSE:
-        x0, x1, x2, x3 = _tile_taps(x_here, _load_rows(x_ptr, row, md, t + 4, L), seq_ptr, s_seq_b, pid_b, t, L,
-                                    REVERSE, HAS_SEQ)
-    else:
-        x0, x1, x2, x3 = _tile_taps(_load_rows(x_ptr, row, md, t - 4, L), x_here, seq_ptr, s_seq_b, pid_b, t, L,
-                                    REVERSE, HAS_SEQ)
+def _conv_out(x_lo, x_hi, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, offs_d, mask_d, t, L, W,
+              HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """silu(conv(x) + bias) at the (BD, R, 4) positions t, float32 (see _tile_taps for x_lo / x_hi)."""
+    x0, x1, x2, x3 = _tile_taps(x_lo, x_hi, seq_ptr, s_seq_b, pid_b, t, L, REVERSE, HAS_SEQ)
     w0, w1, w2, w3 = _tap_weights(w_ptr, offs_d, mask_d, W)
     acc = w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
     if SILU:
         acc = acc * tl.sigmoid(acc)
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, w2_ptr, b2_ptr, out2_ptr, L, DIM, W,
+                     s_x_b, s_x_d, s_o_b, s_o_d, s_o2_b, s_o2_d, s_seq_b,
+                     BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BOTH: tl.constexpr):
+    """out = silu(conv(x) + bias) on a (BD, BT / 4, 4) tile: x read as two row-aligned tiles (this
+    one and the one a row earlier, later when REVERSE), the taps shifted in registers. BOTH: also
+    out2, the anti-causal conv of the same x with w2 / b2 (both directions of a bidirectional
+    block from one read of x; then REVERSE is False)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
+    mask_d = offs_d < DIM
+    md = mask_d[:, None, None]
+    row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
+    t = _tile_positions(tl.program_id(2).to(tl.int64), BT)
+    m = md & (t < L)[None, :, :]
+    x_here = _load_rows(x_ptr, row, md, t, L)
+    if REVERSE or BOTH:
+        x_next = _load_rows(x_ptr, row, md, t + 4, L)
+    if REVERSE:
+        acc = _conv_out(x_here, x_next, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, offs_d, mask_d, t, L, W,
+                        HAS_BIAS, SILU, True, HAS_SEQ)
+    else:
+        acc = _conv_out(_load_rows(x_ptr, row, md, t - 4, L), x_here, w_ptr, b_ptr, seq_ptr, s_seq_b, pid_b, offs_d,
+                        mask_d, t, L, W, HAS_BIAS, SILU, False, HAS_SEQ)
     tl.store(out_ptr + pid_b * s_o_b + offs_d[:, None, None] * s_o_d + t[None, :, :],
-             acc.to(out_ptr.dtype.element_ty), mask=md & (t < L)[None, :, :])
+             acc.to(out_ptr.dtype.element_ty), mask=m)
+    if BOTH:
+        acc2 = _conv_out(x_here, x_next, w2_ptr, b2_ptr, seq_ptr, s_seq_b, pid_b, offs_d, mask_d, t, L, W,
+                         HAS_BIAS, SILU, True, HAS_SEQ)
+        tl.store(out2_ptr + pid_b * s_o2_b + offs_d[:, None, None] * s_o2_d + t[None, :, :],
+                 acc2.to(out2_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -161,82 +179,47 @@ def _silu_grad_at(x_lo, x_hi, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, P, 
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, DIM, W, TILES_PER_PROG,
-                     s_x_b, s_x_d, s_do_b, s_do_d, s_dx_b, s_dx_d, s_seq_b,
-                     BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr):
-    """The whole backward in one pass: dx(t) = sum_j w[W-1-j] g(t +/- j), dw and dbias, where
-    g = dout * silu'(pre) is computed for this tile and for the tile one row (4 positions) later
-    (earlier when REVERSE), whose first columns the shifted g(t +/- j) need: twice the SiLU work,
-    no g written to memory. Tiles are (BD, BT / 4, 4), position t0 + 4 i + r at row i, column r,
-    read with aligned loads (x at three row offsets, dout at two) and shifted in registers
-    (_cols / _shift). The program walks TILES_PER_PROG time tiles; dw and dbias are summed per
-    element, reduced once and added atomically. ACC: dx is added to what dx holds. Widths <= 4."""
-    R: tl.constexpr = BT // 4
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
-    mask_d = offs_d < DIM
-    md = mask_d[:, None, None]
-    row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
-    do_row = pid_b * s_do_b + offs_d[:, None, None] * s_do_d
+def _dx_share(x_prev, x_here, x_next, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, t, in_t, L, w0, w1, w2, w3,
+              bias, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """One conv's share of dx on the tile t, dx(t) = sum_j w[W-1-j] g(t +/- j), and its g(t) and
+    taps at t (for dw, dbias). g is computed for this tile and for the tile one row (4 positions)
+    later (earlier when REVERSE), whose first columns the shifted g(t +/- j) need."""
+    if REVERSE:   # g here from (here, next); the other g one row earlier, from (prev, here)
+        g, x0, x1, x2, x3 = _silu_grad_at(x_here, x_next, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, t, L,
+                                          w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+        g_o, _0, _1, _2, _3 = _silu_grad_at(x_prev, x_here, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md,
+                                            t - 4, L, w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+        o0, o1, o2, o3 = _cols(g_o)
+        h0, h1, h2, h3 = _cols(g)
+        # g(t - j): column 4 + r - j of (previous row, this one)
+        ga = _shift(o0, o1, o2, o3, h0, h1, h2, h3, 3)
+        gb = _shift(o0, o1, o2, o3, h0, h1, h2, h3, 2)
+        gc = _shift(o0, o1, o2, o3, h0, h1, h2, h3, 1)
+    else:         # g here from (prev, here); the other g one row later, from (here, next)
+        g, x0, x1, x2, x3 = _silu_grad_at(x_prev, x_here, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, t, L,
+                                          w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+        g_o, _0, _1, _2, _3 = _silu_grad_at(x_here, x_next, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md,
+                                            t + 4, L, w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+        h0, h1, h2, h3 = _cols(g)
+        o0, o1, o2, o3 = _cols(g_o)
+        # g(t + j): column r + j of (this row, the next)
+        ga = _shift(h0, h1, h2, h3, o0, o1, o2, o3, 1)
+        gb = _shift(h0, h1, h2, h3, o0, o1, o2, o3, 2)
+        gc = _shift(h0, h1, h2, h3, o0, o1, o2, o3, 3)
+    if HAS_SEQ:  # g(t +/- j) reaches x(t) only through an output of t's own sequence
+        seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
+        step = -1 if REVERSE else 1
+        ga = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, t + step, seq_t, L), ga, 0.0)
+        gb = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, t + 2 * step, seq_t, L), gb, 0.0)
+        gc = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, t + 3 * step, seq_t, L), gc, 0.0)
+    return w0 * g + w1 * ga + w2 * gb + w3 * gc, g, x0, x1, x2, x3
+
+
+@triton.jit
+def _add_weight_grads(dw_ptr, db_ptr, s_g, s_0, s_1, s_2, s_3, offs_d, mask_d, W, HAS_BIAS: tl.constexpr):
+    """dw[:, W-1-j] += sum of g * tap j, dbias += sum of g, over the program's positions (atomic)."""
     cols = tl.arange(0, 4)
-    w0, w1, w2, w3 = _tap_weights(w_ptr, offs_d, mask_d, W)
-    bias = tl.zeros((BD, 1, 1), dtype=tl.float32)  # no bias: 0
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
-    s_g = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_0 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_1 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_2 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_3 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    k_first = tl.program_id(2).to(tl.int64) * TILES_PER_PROG
-    for i in range(0, TILES_PER_PROG):
-        t = _tile_positions(k_first + i, BT)
-        in_t = t < L
-        m = md & in_t[None, :, :]
-        x_prev = _load_rows(x_ptr, row, md, t - 4, L)
-        x_here = _load_rows(x_ptr, row, md, t, L)
-        x_next = _load_rows(x_ptr, row, md, t + 4, L)
-        if REVERSE:   # g here from (here, next); the other g one row earlier, from (prev, here)
-            g, x0, x1, x2, x3 = _silu_grad_at(x_here, x_next, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, t, L,
-                                              w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
-            g_o, _0, _1, _2, _3 = _silu_grad_at(x_prev, x_here, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md,
-                                                t - 4, L, w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
-            o0, o1, o2, o3 = _cols(g_o)
-            h0, h1, h2, h3 = _cols(g)
-            # g(t - j): column 4 + r - j of (previous row, this one)
-            ga = _shift(o0, o1, o2, o3, h0, h1, h2, h3, 3)
-            gb = _shift(o0, o1, o2, o3, h0, h1, h2, h3, 2)
-            gc = _shift(o0, o1, o2, o3, h0, h1, h2, h3, 1)
-        else:         # g here from (prev, here); the other g one row later, from (here, next)
-            g, x0, x1, x2, x3 = _silu_grad_at(x_prev, x_here, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, t, L,
-                                              w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
-            g_o, _0, _1, _2, _3 = _silu_grad_at(x_here, x_next, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md,
-                                                t + 4, L, w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
-            h0, h1, h2, h3 = _cols(g)
-            o0, o1, o2, o3 = _cols(g_o)
-            # g(t + j): column r + j of (this row, the next)
-            ga = _shift(h0, h1, h2, h3, o0, o1, o2, o3, 1)
-            gb = _shift(h0, h1, h2, h3, o0, o1, o2, o3, 2)
-            gc = _shift(h0, h1, h2, h3, o0, o1, o2, o3, 3)
-        if HAS_SEQ:  # g(t +/- j) reaches x(t) only through an output of t's own sequence
-            seq_t = tl.load(seq_ptr + pid_b * s_seq_b + t, mask=in_t, other=-2)
-            step = -1 if REVERSE else 1
-            ga = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, t + step, seq_t, L), ga, 0.0)
-            gb = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, t + 2 * step, seq_t, L), gb, 0.0)
-            gc = tl.where(_same_seq(seq_ptr, s_seq_b, pid_b, t + 3 * step, seq_t, L), gc, 0.0)
-        dx = w0 * g + w1 * ga + w2 * gb + w3 * gc
-        dx_off = pid_b * s_dx_b + offs_d[:, None, None] * s_dx_d + t[None, :, :]
-        if ACC:
-            dx += tl.load(dx_ptr + dx_off, mask=m, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=m)
-        s_g += g
-        s_0 += g * x0
-        s_1 += g * x1
-        s_2 += g * x2
-        s_3 += g * x3
     db = tl.sum(tl.sum(s_g, axis=2), axis=1)
-    # column W-1-j of dw takes the tap at shift j
     dw = tl.where((cols == W - 1)[None, :], tl.sum(tl.sum(s_0, axis=2), axis=1)[:, None], 0.0)
     dw += tl.where((cols == W - 2)[None, :], tl.sum(tl.sum(s_1, axis=2), axis=1)[:, None], 0.0)
     dw += tl.where((cols == W - 3)[None, :], tl.sum(tl.sum(s_2, axis=2), axis=1)[:, None], 0.0)
@@ -246,16 +229,99 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
         tl.atomic_add(db_ptr + offs_d, db, mask=mask_d)
 
 
-def _blocks(x):
-    """(channels, time steps, warps) per program; GENOMAMBA_CONV_BLOCKS="BD,BT,warps" overrides (tuning).
-    Both block sizes are powers of two, BT at least 8 (tiles of BT / 4 rows of 4 positions)."""
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+                     w2_ptr, b2_ptr, dout2_ptr, dw2_ptr, db2_ptr, L, DIM, W, TILES_PER_PROG,
+                     s_x_b, s_x_d, s_do_b, s_do_d, s_do2_b, s_do2_d, s_dx_b, s_dx_d, s_seq_b,
+                     BD: tl.constexpr, BT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr, BOTH: tl.constexpr):
+    """The whole backward in one pass: dx, dw and dbias (see _dx_share), no g written to memory.
+    Tiles are (BD, BT / 4, 4), position t0 + 4 i + r at row i, column r, read with aligned loads
+    (x at three row offsets, dout at two) and shifted in registers (_cols / _shift). The program
+    walks TILES_PER_PROG time tiles; dw and dbias are summed per element, reduced once and added
+    atomically. ACC: dx is added to what dx holds. BOTH: the anti-causal conv of the same x (w2,
+    b2, gradient dout2, weight gradients dw2 / db2) adds its share to the same dx, from the same
+    loads of x (then REVERSE is False). Widths <= 4."""
+    R: tl.constexpr = BT // 4
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)
+    mask_d = offs_d < DIM
+    md = mask_d[:, None, None]
+    row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
+    do_row = pid_b * s_do_b + offs_d[:, None, None] * s_do_d
+    w0, w1, w2, w3 = _tap_weights(w_ptr, offs_d, mask_d, W)
+    bias = tl.zeros((BD, 1, 1), dtype=tl.float32)  # no bias: 0
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
+    s_g = tl.zeros((BD, R, 4), dtype=tl.float32)
+    s_0 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    s_1 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    s_2 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    s_3 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    if BOTH:
+        do2_row = pid_b * s_do2_b + offs_d[:, None, None] * s_do2_d
+        v0, v1, v2, v3 = _tap_weights(w2_ptr, offs_d, mask_d, W)
+        bias2 = tl.zeros((BD, 1, 1), dtype=tl.float32)
+        if HAS_BIAS:
+            bias2 = tl.load(b2_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
+        r_g = tl.zeros((BD, R, 4), dtype=tl.float32)
+        r_0 = tl.zeros((BD, R, 4), dtype=tl.float32)
+        r_1 = tl.zeros((BD, R, 4), dtype=tl.float32)
+        r_2 = tl.zeros((BD, R, 4), dtype=tl.float32)
+        r_3 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    k_first = tl.program_id(2).to(tl.int64) * TILES_PER_PROG
+    for i in range(0, TILES_PER_PROG):
+        t = _tile_positions(k_first + i, BT)
+        in_t = t < L
+        m = md & in_t[None, :, :]
+        x_prev = _load_rows(x_ptr, row, md, t - 4, L)
+        x_here = _load_rows(x_ptr, row, md, t, L)
+        x_next = _load_rows(x_ptr, row, md, t + 4, L)
+        dx, g, x0, x1, x2, x3 = _dx_share(x_prev, x_here, x_next, dout_ptr, do_row, seq_ptr, s_seq_b, pid_b, md, t,
+                                          in_t, L, w0, w1, w2, w3, bias, HAS_BIAS, SILU, REVERSE, HAS_SEQ)
+        s_g += g
+        s_0 += g * x0
+        s_1 += g * x1
+        s_2 += g * x2
+        s_3 += g * x3
+        if BOTH:
+            dx2, g2, y0, y1, y2, y3 = _dx_share(x_prev, x_here, x_next, dout2_ptr, do2_row, seq_ptr, s_seq_b, pid_b,
+                                                md, t, in_t, L, v0, v1, v2, v3, bias2, HAS_BIAS, SILU, True, HAS_SEQ)
+            dx += dx2
+            r_g += g2
+            r_0 += g2 * y0
+            r_1 += g2 * y1
+            r_2 += g2 * y2
+            r_3 += g2 * y3
+        dx_off = pid_b * s_dx_b + offs_d[:, None, None] * s_dx_d + t[None, :, :]
+        if ACC:
+            dx += tl.load(dx_ptr + dx_off, mask=m, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    _add_weight_grads(dw_ptr, db_ptr, s_g, s_0, s_1, s_2, s_3, offs_d, mask_d, W, HAS_BIAS)
+    if BOTH:
+        _add_weight_grads(dw2_ptr, db2_ptr, r_g, r_0, r_1, r_2, r_3, offs_d, mask_d, W, HAS_BIAS)
+
+
+# (channels, time steps, warps) per program on a GPU, forward and backward (H100 sweep, 2026-11-24:
+# kernels/BENCHMARKS.md). Few channels per program keep the backward's per-element sums in registers.
+_GPU_BLOCKS = {"forward": (2, 512, 4), "backward": (1, 256, 2)}
+
+
+def _blocks(x, backward: bool = False):
+    """(channels, time steps, warps) per program. GENOMAMBA_CONV_BLOCKS="BD,BT,warps" overrides both
+    kernels' (tuning), "BD,BT,warps;BD,BT,warps" the forward's and the backward's. Both block sizes
+    are powers of two, BT at least 8 (tiles of BT / 4 rows of 4 positions)."""
     if x.device.type != "cuda":
         return (4, 16, 1)
     override = os.environ.get("GENOMAMBA_CONV_BLOCKS")
     if not override:
-        return (4, 256, 4)
-    bd, bt, warps = (int(v) for v in override.split(","))
-    if bd & (bd - 1) or bt & (bt - 1) or bt < 8:
+        return _GPU_BLOCKS["backward" if backward else "forward"]
+    parts = override.split(";")
+    try:
+        bd, bt, warps = (int(v) for v in parts[min(int(backward), len(parts) - 1)].split(","))
+    except ValueError:
+        raise ValueError(f"GENOMAMBA_CONV_BLOCKS={override!r}: expected 'BD,BT,warps' or 'BD,BT,warps;BD,BT,warps'")
+    if len(parts) > 2 or bd & (bd - 1) or bt & (bt - 1) or bt < 8:
         raise ValueError(f"GENOMAMBA_CONV_BLOCKS={override!r}: BD and BT must be powers of two, BT >= 8")
     return bd, bt, warps
 
@@ -268,10 +334,10 @@ def _grad_tiles_per_program(x, n_rows, n_tiles):
     return max(1, min(16, n_tiles * n_rows // _target_programs(x.device)))
 
 
-def _launch_args(x, weight, bias, seq_idx):
+def _launch_args(x, weight, bias, seq_idx, backward=False):
     batch, dim, L = x.shape
     W = weight.shape[1]
-    BD, BT, warps = _blocks(x)
+    BD, BT, warps = _blocks(x, backward)
     grid = (batch, triton.cdiv(dim, BD), triton.cdiv(L, BT))
     w = weight.contiguous()
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
@@ -282,17 +348,26 @@ Tensor = torch.Tensor
 
 
 def _conv_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
-              reverse: bool) -> Tensor:
-    """The forward launch (the custom op below wraps it; inference calls it directly)."""
+              reverse: bool, weight2: Tensor | None = None, bias2: Tensor | None = None):
+    """The forward launch (the custom op below wraps it; inference calls it directly). With
+    weight2 (and bias2 when bias is given): (out, out2), the causal conv with weight / bias and the
+    anti-causal one with weight2 / bias2, from one read of x (then reverse must be False)."""
+    both = weight2 is not None
+    if both and (reverse or (bias is None) != (bias2 is None) or weight2.shape != weight.shape):
+        raise ValueError("both directions: reverse=False, weight2 shaped like weight, bias2 given iff bias is")
     x = x if x.stride(-1) == 1 else x.contiguous()
     batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
     out = torch.empty_like(x)
+    out2 = torch.empty_like(x) if both else out
+    w2 = weight2.contiguous() if both else w
     _conv_fwd_kernel[grid](
-        x, w, bias if bias is not None else w, seq if seq is not None else w, out, L, dim, W,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), seq.stride(0) if seq is not None else 0,
+        x, w, bias if bias is not None else w, seq if seq is not None else w, out,
+        w2, bias2 if bias2 is not None else w2, out2, L, dim, W,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), out2.stride(0), out2.stride(1),
+        seq.stride(0) if seq is not None else 0,
         BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, HAS_SEQ=seq is not None,
-        num_warps=warps)
-    return out
+        BOTH=both, num_warps=warps)
+    return (out, out2) if both else out
 
 
 @torch.library.custom_op("genomamba::causal_conv1d_fwd", mutates_args=())
@@ -307,28 +382,45 @@ def _(x, weight, bias, seq_idx, silu, reverse):
 
 
 def conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, silu: bool,
-             reverse: bool, dx_out: Tensor | None = None, accumulate: bool = False) -> list[Tensor]:
+             reverse: bool, dx_out: Tensor | None = None, accumulate: bool = False, dout2: Tensor | None = None,
+             weight2: Tensor | None = None, bias2: Tensor | None = None) -> list[Tensor]:
     """The backward launch: [dx, dweight, dbias (empty without bias)]. dx_out (like x, last dim
     contiguous): where dx is written; with accumulate, dx is added to what it holds (one input
-    read by two convs, as in a bidirectional block)."""
+    read by two convs, as in a bidirectional block). With dout2 / weight2 / bias2, the backward
+    of _conv_fwd's two directions in one pass: dx gets both shares, and dweight2, dbias2 follow."""
+    both = dout2 is not None
+    if both and (reverse or weight2 is None or (bias is None) != (bias2 is None) or dout2.shape != x.shape):
+        raise ValueError("both directions: reverse=False, dout2 shaped like x, weight2, bias2 given iff bias is")
     x = x if x.stride(-1) == 1 else x.contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx)
+    batch, dim, L, W, BD, BT, warps, grid, w, seq = _launch_args(x, weight, bias, seq_idx, backward=True)
     if dx_out is not None and (dx_out.shape != x.shape or dx_out.stride(-1) != 1):
         raise ValueError("dx_out must be shaped like x with its last dim contiguous")
     if accumulate and dx_out is None:
         raise ValueError("accumulate needs dx_out")
     dx = dx_out if dx_out is not None else torch.empty_like(x)
-    dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
-    db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else dw.new_empty(0)
+    n_dir = 2 if both else 1
+    dw = torch.zeros(n_dir, dim, W, device=x.device, dtype=torch.float32)
+    db = torch.zeros(n_dir, dim, device=x.device, dtype=torch.float32) if bias is not None else dw.new_empty(0)
+    if both:
+        dout2 = dout2 if dout2.stride(-1) == 1 else dout2.contiguous()
+        w2 = weight2.contiguous()
+        b2 = bias2 if bias2 is not None else w2
+    else:
+        dout2, w2, b2 = dout, w, w
     seq_arg, seq_stride = (seq, seq.stride(0)) if seq is not None else (w, 0)
     per = _grad_tiles_per_program(x, batch * grid[1], grid[2])
     _conv_bwd_kernel[(batch, grid[1], triton.cdiv(grid[2], per))](
-        x, w, bias if bias is not None else w, seq_arg, dout, dx, dw, db if bias is not None else dw, L, dim, W,
-        per, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), seq_stride,
+        x, w, bias if bias is not None else w, seq_arg, dout, dx, dw[0], db[0] if bias is not None else dw,
+        w2, b2, dout2, dw[-1], db[-1] if bias is not None else dw, L, dim, W, per,
+        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dout2.stride(0), dout2.stride(1),
+        dx.stride(0), dx.stride(1), seq_stride,
         BD=BD, BT=BT, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, HAS_SEQ=seq is not None,
-        ACC=bool(accumulate), num_warps=warps)
-    return [dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db]
+        ACC=bool(accumulate), BOTH=both, num_warps=warps)
+    grads = [dx]
+    for i, (wt, bt) in enumerate([(weight, bias), (weight2, bias2)][:n_dir]):
+        grads += [dw[i].to(wt.dtype), db[i].to(bt.dtype) if bt is not None else db]
+    return grads
 
 
 @torch.library.custom_op("genomamba::causal_conv1d_bwd", mutates_args=())

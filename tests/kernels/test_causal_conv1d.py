@@ -139,3 +139,59 @@ def test_conv_backward_writes_or_adds_into_a_given_buffer(reverse, packed):
     assert torch.equal(dw2, dw) and torch.equal(db2, db)
     with pytest.raises(ValueError, match="accumulate needs dx_out"):
         conv_bwd(dout, x, w, b, seq, True, reverse, accumulate=True)
+
+
+@pytest.mark.parametrize("packed,width,bias,L", [(True, 4, True, 83), (False, 3, False, 29), (True, 2, True, 40)])
+def test_both_directions_in_one_pass_match_the_reference(packed, width, bias, L):
+    """_conv_fwd / conv_bwd with weight2 (the bidirectional block's form): the causal conv and the
+    anti-causal one of the same x from one read, and dx the sum of both shares, written into a
+    strided slice of a larger buffer; against autograd through the float64 reference (L = 83 runs
+    the backward over several programs)."""
+    from genomamba_kernels.causal_conv1d import _conv_fwd, conv_bwd
+
+    batch, dim = 2, 5
+    x = torch.randn(batch, dim, L)
+    wf, wr = torch.randn(dim, width), torch.randn(dim, width)
+    bf, br = (torch.randn(dim), torch.randn(dim)) if bias else (None, None)
+    seq = seq_ids(batch, L) if packed else None
+    out_f, out_r = _conv_fwd(x, wf, bf, seq, True, False, wr, br)
+    ref = [t.double().requires_grad_() if t is not None else None for t in (x, wf, bf, wr, br)]
+    rf = causal_conv1d_ref(ref[0], ref[1], ref[2], activation="silu", seq_idx=seq, dtype=torch.float64)
+    rr = causal_conv1d_ref(ref[0], ref[3], ref[4], activation="silu", seq_idx=seq, reverse=True, dtype=torch.float64)
+    assert rel(out_f, rf) < 1e-5 and rel(out_r, rr) < 1e-5
+    gf, gr = torch.randn_like(rf), torch.randn_like(rr)
+    ((rf * gf).sum() + (rr * gr).sum()).backward()
+    buf = torch.randn(batch, 2 * dim, L)
+    before = buf.clone()
+    dx, dwf, dbf, dwr, dbr = conv_bwd(gf.float(), x, wf, bf, seq, True, False, dx_out=buf[:, :dim],
+                                      dout2=gr.float(), weight2=wr, bias2=br)
+    assert dx.data_ptr() == buf.data_ptr() and torch.equal(buf[:, dim:], before[:, dim:])
+    assert rel(dx, ref[0].grad) < 1e-5 and rel(dwf, ref[1].grad) < 1e-5 and rel(dwr, ref[3].grad) < 1e-5
+    if bias:
+        assert rel(dbf, ref[2].grad) < 1e-5 and rel(dbr, ref[4].grad) < 1e-5
+    else:
+        assert dbf.numel() == 0 and dbr.numel() == 0
+    with pytest.raises(ValueError, match="both directions"):
+        _conv_fwd(x, wf, bf, seq, True, True, wr, br)
+    with pytest.raises(ValueError, match="both directions"):
+        conv_bwd(gf.float(), x, wf, bf, seq, True, False, dout2=gr.float(), weight2=wr,
+                 bias2=None if bias else torch.randn(dim))   # bias2 only with a bias
+
+
+def test_gpu_block_override(monkeypatch):
+    """GENOMAMBA_CONV_BLOCKS: one triple for both kernels, or the forward's and the backward's."""
+    from types import SimpleNamespace
+
+    from genomamba_kernels.causal_conv1d import _GPU_BLOCKS, _blocks
+
+    gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    monkeypatch.delenv("GENOMAMBA_CONV_BLOCKS", raising=False)
+    assert _blocks(gpu) == _GPU_BLOCKS["forward"] and _blocks(gpu, True) == _GPU_BLOCKS["backward"]
+    monkeypatch.setenv("GENOMAMBA_CONV_BLOCKS", "8,64,2")
+    assert _blocks(gpu) == _blocks(gpu, True) == (8, 64, 2)
+    monkeypatch.setenv("GENOMAMBA_CONV_BLOCKS", "8,64,2;1,256,4")
+    assert _blocks(gpu) == (8, 64, 2) and _blocks(gpu, True) == (1, 256, 4)
+    for bad in ("8,64", "3,64,2", "8,64,2;1,256,4;1,1,1"):
+        monkeypatch.setenv("GENOMAMBA_CONV_BLOCKS", bad)
+        with pytest.raises(ValueError, match="GENOMAMBA_CONV_BLOCKS"):
+            _blocks(gpu, True)
