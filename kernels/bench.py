@@ -236,7 +236,7 @@ def check_long_grad(dim=1536, L=1 << 20, seg=4096):
 
 def check_tile_states(dim=256, lengths=(32768, 262144), slow=0.01):
     """Gradient accuracy of the per-tile state buffers' precision (GENOMAMBA_SCAN_TILES tile_bf16
-    0 = fp32, 1 = the GPU default, 2): bf16 inputs, the benchmark's decays (~55 steps) and decays 1/slow
+    0 = fp32, 1, 2 = the GPU default): bf16 inputs, the benchmark's decays (~55 steps) and decays 1/slow
     times longer; against float64 autograd through the chunked PyTorch path up to 32,768 steps,
     beyond that against tile_bf16 = 0. Prints the relative error of every gradient."""
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

@@ -25,6 +25,8 @@ from .selective_scan import _tile_config, selective_scan_triton_bwd, selective_s
 # x_proj weight (dt_rank + 2N, d_inner), dt_proj weight (d_inner, dt_rank), dt_proj bias (d_inner,),
 # A_log (d_inner, N), D (d_inner,).
 N_DIRECTION_PARAMS = 7
+# Tensors the forward keeps per direction for the backward (see _inner_forward).
+_SAVED = 7
 
 
 def _project(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -33,9 +35,20 @@ def _project(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w.unsqueeze(0).expand(x.shape[0], -1, -1), x)
 
 
+def _decays(A_log: torch.Tensor) -> torch.Tensor:
+    """A = -exp(A_log) (d_inner, N) in float32, laid out as the scan kernels read it, (N, d_inner)
+    contiguous (A.t() is): two small kernels, where -exp then the scan's own transposed copy make three
+    per call; the backward reuses it."""
+    A_t = torch.empty(A_log.shape[1], A_log.shape[0], device=A_log.device, dtype=torch.float32)
+    A = A_t.t()
+    torch.exp(A_log.float(), out=A)
+    return A.neg_()
+
+
 def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backward):
     """Both directions' forward: y, and per direction what the backward needs (conv output,
-    x_proj output, dt, per-tile states or an empty tensor) when for_backward."""
+    x_proj output, dt, per-tile states or an empty tensor, A, the x_proj and dt_proj weights in
+    the activations' dtype) when for_backward."""
     d = xz.shape[1] // 2
     xi, z = xz[:, :d], xz[:, d:]
     fwd_p, rev_p = params[:N_DIRECTION_PARAMS], params[N_DIRECTION_PARAMS:]
@@ -47,14 +60,16 @@ def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backwa
         cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
         nstate, rank = A_log.shape[1], wdt.shape[1]
         xc = convs[i]
+        wx, wdt = wx.to(xc.dtype), wdt.to(xc.dtype)                   # cast once, kept for the backward
         xdbl = _project(wx, xc)                                       # (batch, R + 2N, L)
         dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
         dt = _project(wdt, dtl)                                       # (batch, d_inner, L)
+        A = _decays(A_log)
         y, _, tiles, _ = selective_scan_triton_fwd(
-            xc, dt, -torch.exp(A_log.float()), B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
+            xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
             save_tile_states=for_backward and not recompute, out_add=y)
         if for_backward:
-            saved += [xc, xdbl, dt, tiles if tiles is not None else xz.new_empty(0, dtype=torch.float32)]
+            saved += [xc, xdbl, dt, tiles if tiles is not None else xz.new_empty(0, dtype=torch.float32), A, wx, wdt]
     return y, saved
 
 
@@ -69,7 +84,7 @@ class _BiMambaInner(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xz, seq_idx, *rest = ctx.saved_tensors
-        saved, params = rest[:8], rest[8:]
+        saved, params = rest[:2 * _SAVED], rest[2 * _SAVED:]
         del rest
         d = ctx.d
         xi, z = xz[:, :d], xz[:, d:]
@@ -81,23 +96,22 @@ class _BiMambaInner(torch.autograd.Function):
         # (under checkpointing) before the forward direction's backward rebuilds its own.
         for i in (1, 0):
             reverse, second = i == 1, i == 0
-            xc, xdbl, dt, tiles = saved[4 * i:4 * i + 4]
-            saved[4 * i:4 * i + 4] = [None] * 4
+            xc, xdbl, dt, tiles, A, wx_c, wdt_c = saved[_SAVED * i:_SAVED * (i + 1)]
+            saved[_SAVED * i:_SAVED * (i + 1)] = [None] * _SAVED
             cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
             nstate, rank = A_log.shape[1], wdt.shape[1]
             dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
-            A = -torch.exp(A_log.float())
             du, ddt, dA, dB, dC, dD, _, ddb, _ = selective_scan_triton_bwd(
                 dy, None, xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx, tiles,
                 _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=second)
             del tiles, dt
-            ddtl = _project(wdt.t(), ddt)                                 # dt_proj's input gradient
+            ddtl = _project(wdt_c.t(), ddt)                               # dt_proj's input gradient
             dwdt = torch.bmm(ddt, dtl.transpose(1, 2)).sum(0, dtype=torch.float32)
             del ddt
             dxdbl = torch.cat([ddtl, dB.to(du.dtype), dC.to(du.dtype)], dim=1)   # (batch, R + 2N, L)
             del ddtl, dB, dC
             dwx = torch.bmm(dxdbl, xc.transpose(1, 2)).sum(0, dtype=torch.float32)
-            wx_t = wx.to(du.dtype).t().unsqueeze(0).expand(du.shape[0], -1, -1)
+            wx_t = wx_c.to(du.dtype).t().unsqueeze(0).expand(du.shape[0], -1, -1)
             du.baddbmm_(wx_t, dxdbl)                                      # + x_proj's input gradient
             del dxdbl, xc
             dus[i] = du                                                   # the conv output's gradient

@@ -528,12 +528,12 @@ def test_tuning_fields_by_name(monkeypatch):
 
 
 def test_tile_states_default_to_bf16_on_the_gpu_only(monkeypatch):
-    """tile_bf16 is 1 on the GPU and 0 under the interpreter (see _tile_config)."""
+    """tile_bf16 is 2 on the GPU and 0 under the interpreter (see _tile_config)."""
     ss = sys.modules["genomamba_kernels.selective_scan"]
     monkeypatch.delenv("GENOMAMBA_SCAN_TILES", raising=False)
     assert ss._tile_config(16, torch.device("cpu"))["tile_bf16"] == 0
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert ss._tile_config(16, torch.device("cuda"))["tile_bf16"] == 1
+    assert ss._tile_config(16, torch.device("cuda"))["tile_bf16"] == 2
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
