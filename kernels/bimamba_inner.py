@@ -35,6 +35,17 @@ def _project(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w.unsqueeze(0).expand(x.shape[0], -1, -1), x)
 
 
+def weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over the batch of a (batch, m, L) @ b (batch, L, k), in float32: a weight's gradient.
+    Batch 1 on a GPU: one GEMM with float32 output (no bf16 rounding of the product, and no
+    separate reduction and cast kernels)."""
+    if a.is_cuda and a.shape[0] == 1:
+        if a.dtype == torch.float32:
+            return torch.mm(a[0], b[0])
+        return torch.mm(a[0], b[0], out_dtype=torch.float32)
+    return torch.bmm(a, b).sum(0, dtype=torch.float32)
+
+
 def _decays(A_log: torch.Tensor) -> torch.Tensor:
     """A = -exp(A_log) (d_inner, N) in float32, laid out as the scan kernels read it, (N, d_inner)
     contiguous (A.t() is): two small kernels, where -exp then the scan's own transposed copy make three
@@ -106,11 +117,11 @@ class _BiMambaInner(torch.autograd.Function):
                 _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=second)
             del tiles, dt
             ddtl = _project(wdt_c.t(), ddt)                               # dt_proj's input gradient
-            dwdt = torch.bmm(ddt, dtl.transpose(1, 2)).sum(0, dtype=torch.float32)
+            dwdt = weight_grad(ddt, dtl.transpose(1, 2))
             del ddt
             dxdbl = torch.cat([ddtl, dB.to(du.dtype), dC.to(du.dtype)], dim=1)   # (batch, R + 2N, L)
             del ddtl, dB, dC
-            dwx = torch.bmm(dxdbl, xc.transpose(1, 2)).sum(0, dtype=torch.float32)
+            dwx = weight_grad(dxdbl, xc.transpose(1, 2))
             wx_t = wx_c.to(du.dtype).t().unsqueeze(0).expand(du.shape[0], -1, -1)
             du.baddbmm_(wx_t, dxdbl)                                      # + x_proj's input gradient
             del dxdbl, xc

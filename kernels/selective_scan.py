@@ -391,19 +391,21 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     parts = batch * n_tiles
     part_rows = 0 if torch.are_deterministic_algorithms_enabled() else min(int(cfg.get("part_rows", 0)), parts)
     if part_rows:
-        dA_part = torch.zeros(part_rows, nstate, dim, device=dev, dtype=torch.float32)
-        new_part = torch.zeros
+        # One zeroed buffer, one sum: each row holds dA's partials, then dD's, then d(delta_bias)'s.
+        n_cols = nstate + (Dv is not None) + (db is not None)
+        parts_buf = torch.zeros(part_rows, n_cols * dim, device=dev, dtype=torch.float32)
+        dA_part = parts_buf[:, :nstate * dim].unflatten(1, (nstate, dim))
+        dD_part = parts_buf[:, nstate * dim:(nstate + 1) * dim] if Dv is not None else None
+        ddb_part = parts_buf[:, (n_cols - 1) * dim:] if db is not None else None
     else:
         # dA's per-tile partials overwrite S (R, when R is S): a program reads R for (its tile, a
         # channel block) before it writes the partials of the same (tile, channel block), and no other
         # program touches them.
         dA_part = S.view(parts, nstate, dim) if S.dtype == torch.float32 else \
             torch.empty(parts, nstate, dim, device=dev, dtype=torch.float32)
-        new_part = torch.empty
+        dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
+        ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
     del S
-    rows = part_rows or parts
-    dD_part = new_part(rows, dim, device=dev, dtype=torch.float32) if Dv is not None else None
-    ddb_part = new_part(rows, dim, device=dev, dtype=torch.float32) if db is not None else None
     dzz = dz if dz is not None else du
     K._bwd_kernel[(n_tiles, batch, groups * nsplit)](
         u, delta, A_nd, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
@@ -417,13 +419,19 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         tiles.stride(0), tiles.stride(1), tiles.stride(2),
         du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1), dzz.stride(0), dzz.stride(1),
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
-        dA_part.stride(0), dim,
+        dA_part.stride(0), (dD_part if dD_part is not None else ddb_part if ddb_part is not None else dA_part).stride(0),
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")), DZ_ACC=bool(dz_accumulate),
         PART_ROWS=part_rows, num_warps=cfg["warps_bwd"], **flags, **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
-    dA = dA_part.sum(0).t()
-    dD = dD_part.sum(0) if dD_part is not None else None
-    ddb = ddb_part.sum(0) if ddb_part is not None else None
+    if part_rows:
+        sums = parts_buf.sum(0)
+        dA = sums[:nstate * dim].view(nstate, dim).t()
+        dD = sums[nstate * dim:(nstate + 1) * dim] if Dv is not None else None
+        ddb = sums[(n_cols - 1) * dim:] if db is not None else None
+    else:
+        dA = dA_part.sum(0).t()
+        dD = dD_part.sum(0) if dD_part is not None else None
+        ddb = ddb_part.sum(0) if ddb_part is not None else None
     if B.dim() == 3:
         dB, dC = dB.squeeze(1), dC.squeeze(1)
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddb, dh0
@@ -461,9 +469,11 @@ def _scan_bwd_op(dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A
                  D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, initial_state: Tensor | None,
                  seq_idx: Tensor | None, tiles: Tensor, delta_softplus: bool, reverse: bool) -> list[Tensor]:
     cfg = _tile_config(A.shape[1], u.device)
-    grads = selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                      initial_state, reverse, seq_idx, tiles, cfg)
-    # custom ops return tensors only: an absent input's gradient travels as an empty tensor
+    grads = list(selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                           initial_state, reverse, seq_idx, tiles, cfg))
+    # custom ops return tensors only: an absent input's gradient travels as an empty tensor. dD and
+    # d(delta_bias) may be slices of dA's sum (shared partial-sum rows); returns must not alias.
+    grads[5], grads[7] = (g.clone() if g is not None and g._base is not None else g for g in (grads[5], grads[7]))
     return [g if g is not None else u.new_empty(0) for g in grads]
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from genomamba_kernels import bimamba_inner, causal_conv1d, selective_scan
+from genomamba_kernels.bimamba_inner import weight_grad
 from genomamba_kernels.selective_scan import resolve_backend
 
 
@@ -44,7 +45,7 @@ class _InProjection(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         w = weight.unsqueeze(0).expand(g.shape[0], -1, -1)
         dx = torch.bmm(g.transpose(1, 2), w) if ctx.needs_input_grad[0] else None       # (batch, L, k)
-        dw = torch.bmm(g, x).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dw = weight_grad(g, x).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 
