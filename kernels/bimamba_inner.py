@@ -35,6 +35,11 @@ def _project(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w.unsqueeze(0).expand(x.shape[0], -1, -1), x)
 
 
+# torch.mm(..., out_dtype=torch.float32) for bf16 / fp16 inputs on CUDA (measured on torch 2.11; the
+# project allows torch >= 2.4, where older versions take the bmm + sum path).
+_MM_OUT_DTYPE = torch.__version__ >= "2.10"
+
+
 def weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum over the batch of a (batch, m, L) @ b (batch, L, k), in float32: a weight's gradient.
     Batch 1 on a GPU: one GEMM with float32 output (no bf16 rounding of the product, and no
@@ -42,7 +47,8 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda and a.shape[0] == 1:
         if a.dtype == torch.float32:
             return torch.mm(a[0], b[0])
-        return torch.mm(a[0], b[0], out_dtype=torch.float32)
+        if _MM_OUT_DTYPE:
+            return torch.mm(a[0], b[0], out_dtype=torch.float32)
     return torch.bmm(a, b).sum(0, dtype=torch.float32)
 
 

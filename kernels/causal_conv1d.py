@@ -101,6 +101,15 @@ def _tap_weights(w_ptr, offs_d, mask_d, W):
 
 
 @triton.jit
+def _bias_column(b_ptr, offs_d, mask_d, BD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The bias as (BD, 1, 1) float32; 0 without one."""
+    bias = tl.zeros((BD, 1, 1), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
+    return bias
+
+
+@triton.jit
 def _tile_positions(k, BT: tl.constexpr):
     """(BT / 4, 4) positions of time tile k: t0 + 4 i + r at row i, column r."""
     R: tl.constexpr = BT // 4
@@ -249,26 +258,16 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
     md = mask_d[:, None, None]
     row = pid_b * s_x_b + offs_d[:, None, None] * s_x_d
     do_row = pid_b * s_do_b + offs_d[:, None, None] * s_do_d
+    # per-element sums of g and of g * tap j (dbias, dw), reduced once at the end
     w0, w1, w2, w3 = _tap_weights(w_ptr, offs_d, mask_d, W)
-    bias = tl.zeros((BD, 1, 1), dtype=tl.float32)  # no bias: 0
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
+    bias = _bias_column(b_ptr, offs_d, mask_d, BD, HAS_BIAS)
     s_g = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_0 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_1 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_2 = tl.zeros((BD, R, 4), dtype=tl.float32)
-    s_3 = tl.zeros((BD, R, 4), dtype=tl.float32)
+    s_0, s_1, s_2, s_3 = s_g, s_g, s_g, s_g
     if BOTH:
         do2_row = pid_b * s_do2_b + offs_d[:, None, None] * s_do2_d
         v0, v1, v2, v3 = _tap_weights(w2_ptr, offs_d, mask_d, W)
-        bias2 = tl.zeros((BD, 1, 1), dtype=tl.float32)
-        if HAS_BIAS:
-            bias2 = tl.load(b2_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None, None]
-        r_g = tl.zeros((BD, R, 4), dtype=tl.float32)
-        r_0 = tl.zeros((BD, R, 4), dtype=tl.float32)
-        r_1 = tl.zeros((BD, R, 4), dtype=tl.float32)
-        r_2 = tl.zeros((BD, R, 4), dtype=tl.float32)
-        r_3 = tl.zeros((BD, R, 4), dtype=tl.float32)
+        bias2 = _bias_column(b2_ptr, offs_d, mask_d, BD, HAS_BIAS)
+        r_g, r_0, r_1, r_2, r_3 = s_g, s_g, s_g, s_g, s_g
     k_first = tl.program_id(2).to(tl.int64) * TILES_PER_PROG
     for i in range(0, TILES_PER_PROG):
         t = _tile_positions(k_first + i, BT)

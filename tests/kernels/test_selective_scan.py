@@ -48,7 +48,10 @@ def compare(inputs, tol, softplus=True, reverse=False, seq_idx=None, backend="tr
     o_ref, last_ref = selective_scan_ref(*args(ref), delta_softplus=softplus, return_last_state=True,
                                          initial_state=ref["initial_state"], reverse=reverse, seq_idx=seq_idx)
     assert o.dtype == inputs["u"].dtype and last.dtype == torch.float32
-    go, gl = torch.randn_like(o_ref), torch.randn_like(last_ref)
+    # The output's gradient in o's dtype for both: the kernel receives it rounded, so the reference
+    # must too (else a bf16 rounding of dout shows in the sums over L, dA, dD, d(delta_bias), as
+    # errors up to ~1e-2 when they cancel).
+    go, gl = torch.randn_like(o_ref).to(o.dtype).double(), torch.randn_like(last_ref)
     ((o.double() * go).sum() + (last.double() * gl).sum()).backward()
     ((o_ref * go).sum() + (last_ref * gl).sum()).backward()
     errs = {"out": rel(o, o_ref), "last_state": rel(last, last_ref)}
@@ -195,7 +198,7 @@ def test_cpu_training_path_matches_reference(reverse, packed, groups, bf16, h0, 
     out_ref, last_ref = selective_scan_ref(*[ref[k] for k in NAMES[:8]], True, True,
                                            initial_state=ref["initial_state"], reverse=reverse, seq_idx=seq)
     assert calls == [1]
-    go, gl = torch.randn_like(out_ref), torch.randn_like(last_ref)
+    go, gl = torch.randn_like(out_ref).to(out.dtype).double(), torch.randn_like(last_ref)   # as in compare()
     ((out.double() * go).sum() + (last.double() * gl).sum()).backward()
     ((out_ref * go).sum() + (last_ref * gl).sum()).backward()
     tol = 1e-2 if bf16 else 1e-5
@@ -539,8 +542,8 @@ def test_tile_states_default_to_bf16_on_the_gpu_only(monkeypatch):
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_tile_states_in_bf16_for_bf16_inputs(level, monkeypatch):
     """With bf16 inputs the training path keeps its per-tile state buffers in bf16: tile_bf16 = 1
-    (the GPU default) those the backward's main kernel reads (the forward's tile-entry states, the
-    adjoints entering each tile), 2 the adjoint pass's per-tile sums as well. Gradients stay
+    those the backward's main kernel reads (the forward's tile-entry states, the adjoints entering
+    each tile), 2 (the GPU default) the adjoint pass's per-tile sums as well. Gradients stay
     within the bf16 tolerance of float64; float32 inputs keep float32 buffers and their accuracy."""
     monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"tile_bf16={level}")
     ss = sys.modules["genomamba_kernels.selective_scan"]
