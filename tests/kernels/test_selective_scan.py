@@ -568,3 +568,23 @@ def test_tile_states_in_bf16_for_bf16_inputs(level, monkeypatch):
     seen.clear()
     compare(make(batch=2, dim=16, L=45), 1e-5)
     assert seen == [{"S": f32}, {"H": f32, "R": f32}]
+
+
+@pytest.mark.parametrize("out_add,save", [(False, True), (True, False)])
+def test_eager_function_equals_the_custom_op(out_add, save):
+    """selective_scan trains through a plain autograd.Function in eager mode (less host time per
+    call) and through the torch.library custom op under torch.compile: same outputs and gradients."""
+    ss = sys.modules["genomamba_kernels.selective_scan"]
+    x = make(batch=2, dim=8, L=30)
+    seq = packed_seq_idx(2, 30)
+    add = torch.randn(2, 8, 30) if out_add else None
+    results = []
+    for op in (ss._EagerScan.apply, ss._scan_fwd_op):
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        a = add.clone().requires_grad_() if add is not None else None
+        out, last, _ = op(*[leaves[k] for k in NAMES[:8]], leaves["initial_state"], seq, True, True, save, a)
+        g = torch.Generator().manual_seed(0)
+        ((out * torch.randn(out.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()).backward()
+        results.append([out, last] + [leaves[k].grad for k in NAMES] + ([a.grad] if a is not None else []))
+    for p, q in zip(*results):
+        assert torch.equal(p, q)
