@@ -3,8 +3,10 @@
 Backend choice, in order: the `backend=` argument, the GENOMAMBA_SCAN_BACKEND environment variable
 ("triton" or "torch"), else Triton for CUDA tensors and the chunked PyTorch path otherwise.
 Forcing "triton" on CPU tensors works under TRITON_INTERPRET=1 (that is how CI tests the kernels).
-The Triton path is a pair of torch.library custom ops (forward, backward) with fake-tensor and
-autograd registrations, so torch.compile traces `selective_scan` without a graph break.
+Under torch.compile the Triton path is a pair of torch.library custom ops (forward, backward) with
+fake-tensor and autograd registrations, so it traces `selective_scan` without a graph break. In eager
+mode the same functions run through a plain autograd.Function (training) or directly (inference),
+which costs the host less time per call than the dispatcher.
 """
 
 from __future__ import annotations
