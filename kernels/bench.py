@@ -133,9 +133,8 @@ def check_conv(dtype, tol, dim=256, L=3001, device="cuda"):
         worst = max([worst, rel(out, out_ref)] + [rel(p.grad, q.grad) for p, q in zip(ours, ref)])
     for packed, width in itertools.product((False, True), (4, 3)):   # both directions in one pass
         x = torch.randn(2, dim, L, device=device, dtype=dtype)
-        p = [torch.randn(dim, width, device=device), torch.randn(dim, device=device)] * 2
-        p[2] = torch.randn(dim, width, device=device)
-        p[3] = torch.randn(dim, device=device)
+        # causal weight, bias, then the anti-causal conv's
+        p = [torch.randn(*shape, device=device) for shape in ((dim, width), (dim,), (dim, width), (dim,))]
         seq = None
         if packed:
             seq = torch.zeros(2, L, dtype=torch.int32, device=device)
