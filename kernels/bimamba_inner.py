@@ -62,6 +62,24 @@ def _decays(A_log: torch.Tensor) -> torch.Tensor:
     return A.neg_()
 
 
+def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_backward):
+    """One direction after its conv: x_proj, dt_proj, the scan (adding y_add inside it). Returns y
+    and, when for_backward, what the backward needs (its locals are freed on return otherwise)."""
+    cw, cb, wx, wdt, bdt, A_log, D = params
+    nstate, rank = A_log.shape[1], wdt.shape[1]
+    wx, wdt = wx.to(xc.dtype), wdt.to(xc.dtype)                       # cast once, kept for the backward
+    xdbl = _project(wx, xc)                                           # (batch, R + 2N, L)
+    dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
+    dt = _project(wdt, dtl)                                           # (batch, d_inner, L)
+    A = _decays(A_log)
+    y, _, tiles, _ = selective_scan_triton_fwd(
+        xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
+        save_tile_states=save_tiles, out_add=y_add)
+    if not for_backward:
+        return y, []
+    return y, [xc, xdbl, dt, tiles if tiles is not None else xc.new_empty(0, dtype=torch.float32), A, wx, wdt]
+
+
 def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backward):
     """Both directions' forward: y, and per direction what the backward needs (conv output,
     x_proj output, dt, per-tile states or an empty tensor, A, the x_proj and dt_proj weights in
@@ -70,23 +88,15 @@ def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backwa
     xi, z = xz[:, :d], xz[:, d:]
     fwd_p, rev_p = params[:N_DIRECTION_PARAMS], params[N_DIRECTION_PARAMS:]
     # Both convs from one read of xi: the causal one with the forward direction's weights, the
-    # anti-causal one with the reverse direction's.
-    convs = _conv_fwd(xi, fwd_p[0], fwd_p[1], seq_idx, True, False, rev_p[0], rev_p[1])
+    # anti-causal one with the reverse direction's. Each is let go once its direction is done.
+    convs = list(_conv_fwd(xi, fwd_p[0], fwd_p[1], seq_idx, True, False, rev_p[0], rev_p[1]))
     saved, y = [], None
     for i, (reverse, recompute) in enumerate(((False, recompute_fwd), (True, recompute_rev))):
-        cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
-        nstate, rank = A_log.shape[1], wdt.shape[1]
-        xc = convs[i]
-        wx, wdt = wx.to(xc.dtype), wdt.to(xc.dtype)                   # cast once, kept for the backward
-        xdbl = _project(wx, xc)                                       # (batch, R + 2N, L)
-        dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
-        dt = _project(wdt, dtl)                                       # (batch, d_inner, L)
-        A = _decays(A_log)
-        y, _, tiles, _ = selective_scan_triton_fwd(
-            xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
-            save_tile_states=for_backward and not recompute, out_add=y)
-        if for_backward:
-            saved += [xc, xdbl, dt, tiles if tiles is not None else xz.new_empty(0, dtype=torch.float32), A, wx, wdt]
+        xc, convs[i] = convs[i], None
+        y, kept = _direction_forward(xc, z, seq_idx, params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS],
+                                     reverse, for_backward and not recompute, y, for_backward)
+        del xc
+        saved += kept
     return y, saved
 
 

@@ -34,6 +34,8 @@ KERNELS = {
     "adjoint": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, **_FLAGS)),
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
                                    RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, **_FLAGS)),
+    "pass": ("_state_passing_kernel", 1, dict(BC=32, BD=32, HAS_H0=False, HAS_SEQ=False, REVERSE=True)),
+    "pass4": ("_state_passing_kernel", 4, dict(BC=128, BD=32, HAS_H0=False, HAS_SEQ=False, REVERSE=True)),
 }
 # Launch options other than num_warps, as _tile_config's defaults give them (register caps).
 OPTIONS = {"chunk": dict(maxnreg=128)}
@@ -43,7 +45,8 @@ _HALF = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "add_ptr", 
          "dz_ptr"}
 # Per-tile state buffers that are bf16 with bf16 inputs at tile_bf16 = 2, the GPU default (level 1
 # leaves the adjoint pass's per-tile sums S in fp32).
-_TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}, "adjoint": {"S_ptr"}}
+_TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}, "adjoint": {"R_ptr"},
+              "pass": {"S_ptr", "Hin_ptr"}, "pass4": {"S_ptr", "Hin_ptr"}}
 
 
 def compile_sm90(name: str):
@@ -83,7 +86,7 @@ def _cuobjdump() -> str:
 def report(name: str) -> dict:
     """Registers, stack bytes and main-loop counts of KERNELS[name] (the loop: the longest backward branch)."""
     kernel = compile_sm90(name)
-    steps = KERNELS[name][2]["T"]
+    steps = KERNELS[name][2].get("T") or KERNELS[name][2]["BC"] // KERNELS[name][1]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as fh:

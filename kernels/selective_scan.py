@@ -74,14 +74,13 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # rows instead of storing one row per tile (512 MB per scan at (1, 512, 131072)) and summing
     # them afterwards: forward+backward there 4.92 -> 4.62 ms, training step at 131 kb 217 -> 204-206
     # ms (H100, twelfth session; kernels/BENCHMARKS.md).
-    # tile_bf16 = 2: with bf16 inputs every per-tile state buffer of the training path is bf16
-    # (_tile_dtype). The interpreter's default stays 0: on CI's tiny shapes (a few tiles, sums of a
-    # few dozen terms) bf16 states put dA above the 1e-2 bf16 tolerance for about 1 seed in 160
-    # (measured before the tests gave the reference the kernel's rounded dout); tests select the
-    # levels explicitly.
+    # tile_bf16 = 1: with bf16 inputs the per-tile state buffers of the training path are bf16
+    # (_tile_dtype). The interpreter's default stays 0 (tests select the levels explicitly).
+    # TPP: tiles per program of the backward's adjoint pass, which is also the segment the state
+    # passing walks in the backward (see _adjoint_tile_kernel).
     cfg = dict(T=8, BD=128, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=4, warps_bwd=1, warps_pass=0,
                maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1, maxnreg_fwd=0, maxnreg_fwdt=0,
-               maxnreg_chunk=128, maxnreg_adj=0, part_rows=64, tile_bf16=2)
+               maxnreg_chunk=128, maxnreg_adj=0, part_rows=64, tile_bf16=1)
     return _override(cfg)
 
 
@@ -98,8 +97,7 @@ def _override(cfg: dict) -> dict:
     output pass without autograd, maxnreg_fwdt the one that saves tile states; part_rows: the rows
     the backward's dA / dD / d(delta_bias) partial sums are added into, 0 = one per tile, stored;
     tile_bf16: with bf16 inputs, 0 = every per-tile state buffer of the training path in fp32,
-    1 = those the backward's main kernel reads in bf16, 2 (the GPU default) = the adjoint pass's as well;
-    see _tile_dtype)."""
+    1 (the GPU default) = in bf16; see _tile_dtype)."""
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override and "=" in override:  # named fields, e.g. "tile_bf16=0,part_rows=0"
         for item in override.split(","):
@@ -174,24 +172,21 @@ def _pass_states(S, SDT, RST, A_nd, h0, H_in, H_last, has_seq: bool, reverse: bo
         BC=bc, BD=cfg["BD_PASS"], HAS_H0=h0 is not None, HAS_SEQ=has_seq, REVERSE=reverse, num_warps=warps)
 
 
-def _tile_dtype(cfg: dict, u: torch.Tensor, level: int = 1) -> torch.dtype:
-    """dtype of a per-tile state buffer of the training path: bf16 for bf16 inputs when
-    tile_bf16 >= level, else fp32. The scan itself always carries its state in fp32.
+def _tile_dtype(cfg: dict, u: torch.Tensor) -> torch.dtype:
+    """dtype of the per-tile state buffers of the training path: bf16 for bf16 inputs when
+    tile_bf16 >= 1 (the GPU default), else fp32. The scan itself always carries its state in fp32.
 
-    Level 1: the buffers the backward's main kernel reads, the forward's saved tile-entry states
-    and the adjoints entering each tile. Each is a rounded copy of a chain carried in fp32 (the
-    scan's and the passing's), so no rounding feeds a chain or accumulates along the sequence.
-    These buffers are most of what the backward moves (8 bytes per channel and step each, in fp32,
-    against 2 per bf16 input); in bf16 a 131 kb training step took 202 -> 195.6 ms and 34.6 -> 26.9
-    GiB, and bf16 gradients stayed within 2.3e-3 of float64 (1.7e-3 with fp32 tiles; H100,
-    kernels/BENCHMARKS.md, thirteenth session). Level 2 (the GPU default) also stores the adjoint
-    pass's per-tile sums in bf16, which the passing chain adds up: dA is then 1.6-1.7e-3 from float64
-    instead of <= 7e-4 (the other gradients' own bf16 rounding is ~1.7e-3), nothing that grows with
-    L; at model level (bf16 autocast) the gradients differ from level 0's by as much as level 1's do
-    (median 6.5e-4, a tenth of autocast's own difference from fp32), and the step is 188 -> 184.5 ms
-    (fourteenth session).
+    The buffers are the ones the backward's main kernel reads: the forward's saved tile-entry
+    states and the adjoints entering each tile from within its segment (the adjoint pass's). Each
+    is a rounded copy of a chain carried in fp32, so no rounding feeds a chain or accumulates along
+    the sequence. They are most of what the backward moves (8 bytes per channel and step each, in
+    fp32, against 2 per bf16 input); in bf16 a 131 kb training step took 202 -> 195.6 ms and 34.6 ->
+    26.9 GiB, and bf16 gradients stayed within 2.3e-3 of float64 (1.7e-3 with fp32 tiles; H100,
+    kernels/BENCHMARKS.md, thirteenth session). (Level 2, the fourteenth session's default, also
+    stored the adjoint pass's per-tile sums in bf16; since the fifteenth those are per segment and
+    always fp32, so 2 now means 1.)
     """
-    if cfg.get("tile_bf16", 0) >= level and u.dtype == torch.bfloat16:
+    if cfg.get("tile_bf16", 0) >= 1 and u.dtype == torch.bfloat16:
         return torch.bfloat16
     return torch.float32
 
@@ -349,26 +344,29 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     if tiles.numel() == 0:  # the forward kept no states (recompute_states=True): rebuild them here
         tiles = _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles, BD, cfg, flags)
         dummy = tiles
-    # Pass 1: each tile's adjoint contribution from a zero right boundary, and its sum of dt.
-    S = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u, 2))
-    SDT, RST = _decay_buffers(batch, n_tiles, dim, seq is not None, dev)
+    # Pass 1, per segment of TPP tiles walked against the scan: per tile, the adjoint entering it
+    # from within its segment (R) and the sum of dt between (SUF); per segment, the adjoint it
+    # hands on (S), its sum of dt and restarts.
     tpp = cfg["TPP"]
-    K._adjoint_tile_kernel[(triton.cdiv(n_tiles, tpp), batch, triton.cdiv(dim, BD))](
+    n_seg = triton.cdiv(n_tiles, tpp)
+    R = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
+    SUF = torch.empty(batch, n_tiles, dim, device=dev, dtype=torch.float32)
+    S = torch.empty(batch, n_seg, nstate, dim, device=dev, dtype=torch.float32)
+    SDT, RST = _decay_buffers(batch, n_seg, dim, seq is not None, dev)
+    K._adjoint_tile_kernel[(n_seg, batch, triton.cdiv(dim, BD))](
         u, delta, A_nd, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy,
-        S, SDT, RST, L, dim, nstate, dpg, n_tiles, tpp,
+        R, SUF, S, SDT, RST, L, dim, nstate, dpg, n_tiles, tpp,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Cg.stride(0), Cg.stride(1), Cg.stride(2),
         zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), dout.stride(2), seq_stride,
+        R.stride(0), R.stride(1), R.stride(2), SUF.stride(0), SUF.stride(1),
         S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
         BD=BD, BN=BN, T=T, HAS_Z=z is not None, num_warps=cfg["warps"], **flags,
         **_reg_cap(cfg.get("maxnreg_adj", 0), dev))
-    # Pass 2: the adjoint entering every tile from the right (and the initial-state gradient),
-    # written over S (at 1 Mb each fp32 per-tile state buffer is 8 bytes per (channel, position)),
-    # or into a bf16 buffer of its own when S is fp32 and R bf16 (tile_bf16 = 1).
-    r_dtype = _tile_dtype(cfg, u)
-    R = S if r_dtype == S.dtype else torch.empty(S.shape, device=dev, dtype=r_dtype)
+    # Pass 2: the adjoint entering every segment from the right (written over S), and the
+    # initial-state gradient.
     dh0 = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     dl = None if dlast is None else dlast.float().contiguous()
-    _pass_states(S, SDT, RST, A_nd, dl, R, dh0, seq is not None, True, cfg)
+    _pass_states(S, SDT, RST, A_nd, dl, S, dh0, seq is not None, True, cfg)
     del SDT, RST
     # Pass 3: every gradient, one program per (batch, tile, channel split).
     if nsplit is None:
@@ -401,25 +399,24 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dD_part = parts_buf[:, nstate * dim:(nstate + 1) * dim] if Dv is not None else None
         ddb_part = parts_buf[:, (n_cols - 1) * dim:] if db is not None else None
     else:
-        # dA's per-tile partials overwrite S (R, when R is S): a program reads R for (its tile, a
+        # dA's per-tile partials overwrite R when it is fp32: a program reads R for (its tile, a
         # channel block) before it writes the partials of the same (tile, channel block), and no other
         # program touches them.
-        dA_part = S.view(parts, nstate, dim) if S.dtype == torch.float32 else \
+        dA_part = R.view(parts, nstate, dim) if R.dtype == torch.float32 else \
             torch.empty(parts, nstate, dim, device=dev, dtype=torch.float32)
         dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
         ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
-    del S
     dzz = dz if dz is not None else du
     K._bwd_kernel[(n_tiles, batch, groups * nsplit)](
         u, delta, A_nd, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
-        seq if seq is not None else dummy, dout, tiles, R,
+        seq if seq is not None else dummy, dout, tiles, R, S, SUF,
         du, ddelta, dzz, dB, dC, dA_part, dD_part if dD_part is not None else dA_part,
         ddb_part if ddb_part is not None else dA_part,
-        L, dim, nstate, dpg, dps, nsplit,
+        L, dim, nstate, dpg, dps, nsplit, tpp,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1), Cg.stride(2),
         zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), dout.stride(2), seq_stride,
-        tiles.stride(0), tiles.stride(1), tiles.stride(2),
+        tiles.stride(0), tiles.stride(1), tiles.stride(2), S.stride(0), S.stride(1), SUF.stride(0), SUF.stride(1),
         du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1), dzz.stride(0), dzz.stride(1),
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
         dA_part.stride(0), (dD_part if dD_part is not None else ddb_part if ddb_part is not None else dA_part).stride(0),

@@ -18,9 +18,12 @@ Passes (DESIGN.md section 4 says why):
   its entering state; `_fwd_kernel` rescans each chunk from that state, writes
   out = (C.h + D u) * silu(z) and, for the backward, the state entering every tile. When
   (batch x channel blocks) already fill the GPU the sequence is one chunk and passes 1-2 are skipped.
-* Backward. `_adjoint_tile_kernel` reduces every tile's adjoint from a zero right boundary; the same
-  state-passing kernel run right to left gives the adjoint entering each tile; `_bwd_kernel`, one
-  program per (batch, tile, channel split), recomputes h from the saved tile state, gets
+* Backward. `_adjoint_tile_kernel` walks segments of TPP tiles against the scan, storing for every
+  tile the adjoint entering it from within its segment, and reduces every segment's adjoint from a
+  zero boundary; the same state-passing kernel run right to left over segments (not tiles: 16 x
+  fewer rows) gives the adjoint entering each segment; `_bwd_kernel`, one program per (batch,
+  tile, channel split), adds the two (the segment's decayed over the tiles between), recomputes h
+  from the saved tile state, gets
   q_t = dL/dh_t = C_t dy_t + a_{t+1} q_{t+1} from one scan (`_combine_next`: no shifted a_{t+1},
   no second exponential), and loops over channel blocks so dB and dC are reduced over channels in
   registers and stored once: each block's contributions are folded across the 8 channel lanes by
@@ -38,6 +41,10 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# SUF where the sequence restarts between a tile and its segment's end: exp(A * _NO_PATH) is 0 for
+# every A < 0 (and 1, not NaN, for the zero A of masked-out channels, whose adjoints are 0).
+_NO_PATH = tl.constexpr(1.0e30)
 
 
 @triton.jit
@@ -505,21 +512,27 @@ def _adjoint_inputs(delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b,
 
 @triton.jit
 def _adjoint_tile_kernel(
-    u_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, S_ptr, SDT_ptr, RST_ptr,
+    u_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, R_ptr, SUF_ptr, S_ptr, SDT_ptr, RST_ptr,
     L, DIM, NSTATE, DIM_PER_GROUP, N_TILES, TILES_PER_PROG,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_seq_b,
+    s_R_b, s_R_c, s_R_n, s_f_b, s_f_c,
     s_S_b, s_S_c, s_S_n, s_t_b, s_t_c, s_r_b,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     REVERSE: tl.constexpr, FAST: tl.constexpr,
 ):
-    """Backward pass 1: per tile, the adjoint at its logical start from a zero right boundary (S),
-    the tile's sum of dt (SDT) and restart flag (RST), from which the passing kernel forms the
-    tile's decay. Each program walks TILES_PER_PROG tiles (prefetching the next).
+    """Backward pass 1, one program per segment of TILES_PER_PROG tiles, walked against the scan
+    (logically last tile first) from a zero adjoint at the segment's logical end. Per tile: R, the
+    adjoint entering the tile's logical end from the tiles after it in the segment, and SUF, the
+    sum of dt over those tiles (_NO_PATH when the sequence restarts in them). Per segment: S, the
+    adjoint it hands to the state before it, its sum of dt (SDT) and restart count (RST), from
+    which the passing kernel gives the adjoint entering every segment, R_seg. The main kernel then
+    has the adjoint entering tile k as R[k] + exp(A * SUF[k]) * R_seg[segment of k]: the passing
+    walks segments, not tiles (16 x fewer rows, each read and written once).
 
-    With q_t = dL/dh_t: q_t = C_t dy_t + a_{t+1} q_{t+1}, and the gradient the tile hands to the
-    state before it is r = a_first q_first. Tiles are (T, N, BD) like the forward's. Grid:
-    (tile groups, batch, channel blocks): tile groups on axis 0, which allows more than 65,535.
+    With q_t = dL/dh_t: q_t = C_t dy_t + a_{t+1} q_{t+1}, and the gradient a tile hands to the
+    state before it is a_first q_first. Tiles are (T, N, BD) like the forward's. Grid:
+    (segments, batch, channel blocks): segments on axis 0, which allows more than 65,535.
     """
     pid_t = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -532,30 +545,45 @@ def _adjoint_tile_kernel(
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
     A2t = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
     start = _end_index(T, not REVERSE)
+    is_last = (tl.arange(0, T) == _end_index(T, REVERSE))[:, None, None]
     dl_base, C_base, z_base, do_base = pid_b * s_dl_b, pid_b * s_C_b + g * s_C_g, pid_b * s_z_b, pid_b * s_do_b
     k0 = pid_t * TILES_PER_PROG
     n_here = tl.minimum(TILES_PER_PROG, N_TILES - k0)
+    carry = tl.zeros((BN, BD), dtype=tl.float32)
+    suf = tl.zeros((BD,), dtype=tl.float32)
+    n_reset = 0
     dt_n, C_n, dy_n, r_n = _adjoint_inputs(
-        delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0, L,
+        delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0 + n_here - 1, L,
         dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d, s_do_l,
         offs_d, mask_d, offs_n, mask_n, T, HAS_Z, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
     for i in range(0, n_here):
+        kt = k0 + n_here - 1 - i
         dt, Ct, dy, reset = dt_n, C_n, dy_n, r_n
+        # the next tile to the logical left (tile k0 - 1 after the last: masked out when it is -1)
         dt_n, C_n, dy_n, r_n = _adjoint_inputs(
-            delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0 + i + 1, L,
+            delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, kt - 1, L,
             dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d, s_do_l,
             offs_d, mask_d, offs_n, mask_n, T, HAS_Z, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
+        tl.store(R_ptr + pid_b * s_R_b + kt * s_R_c + offs_n[:, None] * s_R_n + offs_d[None, :], carry, mask=mnd)
+        suf_out = suf
+        if HAS_SEQ:
+            suf_out = tl.where(n_reset > 0, _NO_PATH, suf)
+        tl.store(SUF_ptr + pid_b * s_f_b + kt * s_f_c + offs_d, suf_out, mask=mask_d)
         a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
         c = dy[:, None, :] * Ct[:, :, None]
+        c = tl.where(is_last, c + carry[None, :, :], c)
         # q runs against the scan (right to left for a forward scan), with the next step's decay.
         ones = tl.full((T, BN, BD), 1.0, dtype=tl.float32)
         _f, _p, q = tl.associative_scan((_flip_if(a, not REVERSE), ones, _flip_if(c, not REVERSE)), 0, _combine_next)
         q = _flip_if(q, not REVERSE)
-        off = pid_b * s_S_b + (k0 + i) * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
-        tl.store(S_ptr + off, _pick(a, start, T) * _pick(q, start, T), mask=mnd)
-        tl.store(SDT_ptr + pid_b * s_t_b + (k0 + i) * s_t_c + offs_d, tl.sum(dt, axis=0), mask=mask_d)
+        carry = _pick(a, start, T) * _pick(q, start, T)
+        suf += tl.sum(dt, axis=0)
         if HAS_SEQ:
-            tl.store(RST_ptr + pid_b * s_r_b + k0 + i, tl.sum(reset.to(tl.int32), axis=0))
+            n_reset += tl.sum(reset.to(tl.int32), axis=0)
+    tl.store(S_ptr + pid_b * s_S_b + pid_t * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :], carry, mask=mnd)
+    tl.store(SDT_ptr + pid_b * s_t_b + pid_t * s_t_c + offs_d, suf, mask=mask_d)
+    if HAS_SEQ:
+        tl.store(RST_ptr + pid_b * s_r_b + pid_t, n_reset)
 
 
 @triton.jit
@@ -622,13 +650,16 @@ def _put_partial(ptr, x, mask, PART_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr, dz_ptr,
-                pid_b, k, d0, d_end, offs_n, mask_n, p, mask_t, DIM,
+def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, Rseg_ptr, SUF_ptr, db_ptr, dz_ptr,
+                pid_b, k, seg, d0, d_end, offs_n, mask_n, p, mask_t, DIM,
                 s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
-                s_dz_b, s_dz_d,
+                s_rs_b, s_rs_c, s_f_b, s_f_c, s_dz_b, s_dz_d,
                 BD: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, DZ_ACC: tl.constexpr):
     """Raw loads of one channel block for the backward (issued one block ahead: prefetch), with
-    the dz already there when DZ_ACC (a load at the store would stall the warp on memory)."""
+    the dz already there when DZ_ACC (a load at the store would stall the warp on memory).
+    r0 (the adjoint entering the tile from within its segment), rseg (the one entering the
+    segment) and suf (the sum of dt between them) make the tile's entering adjoint. (Made here, a
+    block ahead, the loop spills less but the kernel is 2% slower: H100, fifteenth session.)"""
     offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
     mask_d = offs_d < d_end
     mnd = mask_n[:, None] & mask_d[None, :]
@@ -645,22 +676,25 @@ def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, 
     hoff = pid_b * s_h_b + k * s_h_c + offs_n[:, None] * s_h_n + offs_d[None, :]
     h0 = tl.load(Htile_ptr + hoff, mask=mnd, other=0.0).to(tl.float32)
     r0 = tl.load(Rtile_ptr + hoff, mask=mnd, other=0.0).to(tl.float32)
+    rseg = tl.load(Rseg_ptr + pid_b * s_rs_b + seg * s_rs_c + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd,
+                   other=0.0)
+    suf = tl.load(SUF_ptr + pid_b * s_f_b + k * s_f_c + offs_d, mask=mask_d, other=0.0)
     if DZ_ACC:
         dz0 = _load_td(dz_ptr, pid_b * s_dz_b, s_dz_d, offs_d, mask_d, p, mask_t)
     else:
         dz0 = zz
-    return offs_d, mask_d, At, u, raw, dout, zz, h0, r0, dz0
+    return offs_d, mask_d, At, u, raw, dout, zz, h0, r0, rseg, suf, dz0
 
 
 @triton.jit
 def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, db_ptr, seq_ptr, dout_ptr,
-    Htile_ptr, Rtile_ptr,
+    Htile_ptr, Rtile_ptr, Rseg_ptr, SUF_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddb_ptr,
-    L, DIM, NSTATE, DIM_PER_GROUP, DIM_PER_SPLIT, NSPLIT,
+    L, DIM, NSTATE, DIM_PER_GROUP, DIM_PER_SPLIT, NSPLIT, SEG_TILES,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d,
     s_do_b, s_do_d, s_do_l, s_seq_b,
-    s_h_b, s_h_c, s_h_n,
+    s_h_b, s_h_c, s_h_n, s_rs_b, s_rs_c, s_f_b, s_f_c,
     s_du_b, s_du_d, s_ddl_b, s_ddl_d, s_dz_b, s_dz_d, s_dB_b, s_dB_g, s_dB_n, s_dC_b, s_dC_g, s_dC_n,
     s_dA_t, s_dD_t,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
@@ -671,7 +705,8 @@ def _bwd_kernel(
     """Backward pass 3: all gradients of one time tile, looping over the channels of a split.
 
     Tiles are (T, N, BD). h_t is recomputed from the saved tile-entry state, q_t = dL/dh_t from the
-    adjoint entering from the right (r0) by one reverse scan (_combine_next). dB and dC
+    adjoint entering from the right (r0 + exp(A * suf) * rseg, see _adjoint_tile_kernel) by one
+    reverse scan (_combine_next). dB and dC
     are accumulated per channel lane across the loop and reduced over channels once at the end.
     dA, dD and d(delta_bias) are per-tile partial sums, summed afterwards: PART_ROWS = 0 stores
     them in row `part` of buffers with one row per tile (deterministic); PART_ROWS = R adds them
@@ -700,18 +735,20 @@ def _bwd_kernel(
     part = (pid_b * tl.num_programs(0) + k)                     # row of the partial-sum buffers
     if PART_ROWS > 0:
         part = part % PART_ROWS
-    o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, dz_n = _bwd_inputs(
-        u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr, dz_ptr,
-        pid_b, k, d_start, d_end, offs_n, mask_n, p, mask_t, DIM,
-        s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n, s_dz_b, s_dz_d,
-        BD, HAS_Z, HAS_DB, DZ_ACC)
+    seg = k // SEG_TILES
+    o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, rs_n, sf_n, dz_n = _bwd_inputs(
+        u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, Rseg_ptr, SUF_ptr, db_ptr, dz_ptr,
+        pid_b, k, seg, d_start, d_end, offs_n, mask_n, p, mask_t, DIM,
+        s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
+        s_rs_b, s_rs_c, s_f_b, s_f_c, s_dz_b, s_dz_d, BD, HAS_Z, HAS_DB, DZ_ACC)
     for d0 in range(d_start, d_end, BD):
-        offs_d, mask_d, At, u, raw, dout, zz, h0, r0, dz0 = o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, dz_n
-        o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, dz_n = _bwd_inputs(
-            u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, db_ptr, dz_ptr,
-            pid_b, k, d0 + BD, d_end, offs_n, mask_n, p, mask_t, DIM,
-            s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n, s_dz_b, s_dz_d,
-            BD, HAS_Z, HAS_DB, DZ_ACC)
+        offs_d, mask_d, At, u, raw, dout, zz, h0, r0, rseg, suf, dz0 = \
+            o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, rs_n, sf_n, dz_n
+        o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, rs_n, sf_n, dz_n = _bwd_inputs(
+            u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, Rseg_ptr, SUF_ptr, db_ptr, dz_ptr,
+            pid_b, k, seg, d0 + BD, d_end, offs_n, mask_n, p, mask_t, DIM,
+            s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
+            s_rs_b, s_rs_c, s_f_b, s_f_c, s_dz_b, s_dz_d, BD, HAS_Z, HAS_DB, DZ_ACC)
         if RELOAD_BC:  # the loop-dependent mask keeps the compiler from hoisting the loads
             mtl = mask_t & (p * 0 + d0 < d_end)
             Bt = _load_tn(B_ptr, pid_b * s_B_b + g * s_B_g, s_B_n, offs_n, mask_n, p, mtl)
@@ -744,6 +781,7 @@ def _bwd_kernel(
             dy = dout
         # q_t = C_t dy_t + a_{t+1} q_{t+1}, entered from the right with r0: one reverse scan.
         c = dy[:, None, :] * Ct[:, :, None]
+        r0 += _exp2(At * 1.4426950408889634 * suf[None, :], FAST) * rseg     # + what enters the segment
         c = tl.where(is_last, c + r0[None, :, :], c)
         ones = tl.full((T, BN, BD), 1.0, dtype=tl.float32)
         _f, _p, q = tl.associative_scan((_flip_if(a, not REVERSE), ones, _flip_if(c, not REVERSE)), 0, _combine_next)

@@ -241,12 +241,31 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_many_tiles_in_place_state_passing(reverse):
-    """25 tiles: the backward's state passing runs over several blocks, writing over its input."""
+    """25 tiles (13 segments of 2): the backward's state passing runs over several blocks, writing
+    over its input."""
     L = 200
     ids = torch.zeros(1, L, dtype=torch.int32)
     ids[:, 70:] = 1
     ids[:, 133:] = 2
     compare(make(batch=1, dim=4, L=L), 1e-5, reverse=reverse, seq_idx=ids)
+
+
+@pytest.mark.parametrize("tpp,reverse", [(1, False), (3, True), (4, False), (16, True)])
+def test_backward_segments_of_any_length(tpp, reverse, monkeypatch):
+    """The backward's adjoint pass walks segments of TPP tiles and the passing runs over segments;
+    the main kernel adds to each tile's in-segment adjoint the one entering its segment, decayed
+    over the tiles between (or cut by a restart between them). 11 tiles: segments of one tile, a
+    short last segment, one segment for all; restarts inside tiles, on a tile boundary and in the
+    segment after a tile; gradients of the initial and the last state too."""
+    monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"TPP={tpp}")
+    L = 85
+    ids = torch.zeros(2, L, dtype=torch.int32)
+    ids[0, 13:] = 1
+    ids[0, 40:] = 2       # a tile boundary (T = 8)
+    ids[0, 61:] = 3
+    ids[1, 77:] = 1
+    compare(make(batch=2, dim=4, L=L), 1e-5, reverse=reverse, seq_idx=ids)
+    compare(make(batch=1, dim=4, L=L), 1e-5, reverse=reverse)
 
 
 @pytest.mark.parametrize("reverse,packed,h0,batch", [(False, False, True, 2), (True, True, True, 1),
@@ -531,20 +550,20 @@ def test_tuning_fields_by_name(monkeypatch):
 
 
 def test_tile_states_default_to_bf16_on_the_gpu_only(monkeypatch):
-    """tile_bf16 is 2 on the GPU and 0 under the interpreter (see _tile_config)."""
+    """tile_bf16 is 1 on the GPU and 0 under the interpreter (see _tile_config)."""
     ss = sys.modules["genomamba_kernels.selective_scan"]
     monkeypatch.delenv("GENOMAMBA_SCAN_TILES", raising=False)
     assert ss._tile_config(16, torch.device("cpu"))["tile_bf16"] == 0
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert ss._tile_config(16, torch.device("cuda"))["tile_bf16"] == 2
+    assert ss._tile_config(16, torch.device("cuda"))["tile_bf16"] == 1
 
 
-@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize("level", [0, 1])
 def test_tile_states_in_bf16_for_bf16_inputs(level, monkeypatch):
-    """With bf16 inputs the training path keeps its per-tile state buffers in bf16: tile_bf16 = 1
-    those the backward's main kernel reads (the forward's tile-entry states, the adjoints entering
-    each tile), 2 (the GPU default) the adjoint pass's per-tile sums as well. Gradients stay
-    within the bf16 tolerance of float64; float32 inputs keep float32 buffers and their accuracy."""
+    """With bf16 inputs and tile_bf16 = 1 (the GPU default) the training path keeps its per-tile
+    state buffers in bf16 (the forward's tile-entry states, the adjoints entering each tile from
+    within its segment); the adjoint pass's per-segment sums stay float32. Gradients stay within
+    the bf16 tolerance of float64; float32 inputs keep float32 buffers and their accuracy."""
     monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"tile_bf16={level}")
     ss = sys.modules["genomamba_kernels.selective_scan"]
     seen = []
@@ -560,14 +579,15 @@ def test_tile_states_in_bf16_for_bf16_inputs(level, monkeypatch):
                 return launch
         monkeypatch.setattr(ss.K, name, Spy())
 
-    spy("_adjoint_tile_kernel", {"S": 8})
-    spy("_bwd_kernel", {"H": 10, "R": 11})
+    spy("_adjoint_tile_kernel", {"R": 8, "S": 10})
+    spy("_bwd_kernel", {"H": 10, "R": 11, "Rseg": 12})
     bf, f32 = torch.bfloat16, torch.float32
     compare(make(batch=2, dim=16, L=45, groups=2, dtype=bf), 1e-2, reverse=True, seq_idx=packed_seq_idx(2, 45))
-    assert seen == [{"S": bf if level >= 2 else f32}, {"H": bf if level >= 1 else f32, "R": bf if level >= 1 else f32}]
+    tile = bf if level >= 1 else f32
+    assert seen == [{"R": tile, "S": f32}, {"H": tile, "R": tile, "Rseg": f32}]
     seen.clear()
     compare(make(batch=2, dim=16, L=45), 1e-5)
-    assert seen == [{"S": f32}, {"H": f32, "R": f32}]
+    assert seen == [{"R": f32, "S": f32}, {"H": f32, "R": f32, "Rseg": f32}]
 
 
 @pytest.mark.parametrize("out_add,save", [(False, True), (True, False)])

@@ -306,6 +306,31 @@ def test_joint_mixer_without_gradients_builds_no_node(monkeypatch):
     assert frozen.grad_fn is None and torch.equal(frozen, tracked.detach())
 
 
+def test_joint_mixer_inference_equals_separate_ops(monkeypatch):
+    """Inference (no_grad) on the Triton path also runs the tied core as bimamba_inner (both convs
+    from one read of x): the same output as one op per step, with padding (seq_idx)."""
+    from genomamba_kernels import bimamba_inner
+
+    monkeypatch.setenv("GENOMAMBA_SCAN_BACKEND", "triton")
+    torch.manual_seed(0)
+    m = BiMambaModel(BiMambaConfig(d_model=8, n_layer=2, d_state=4)).eval()
+    x = ids(2, 13)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, 9:] = False
+    from genomamba.model import mixer
+
+    calls = []
+    monkeypatch.setattr(mixer, "bimamba_inner", lambda *a, **k: calls.append(1) or bimamba_inner(*a, **k))
+    out = {}
+    for mode in ("modular", "joint"):
+        monkeypatch.setenv("GENOMAMBA_MIXER_AUTOGRAD", mode)
+        with torch.no_grad():
+            out[mode] = m(x, mask)
+        assert len(calls) == (2 if mode == "joint" else 0)   # once per layer
+    assert torch.allclose(out["joint"], out["modular"], atol=1e-6)
+    assert out["joint"].abs().max() > 0
+
+
 def test_joint_mixer_rejects_bad_arguments():
     from genomamba_kernels import bimamba_inner
 
