@@ -110,7 +110,7 @@ class SSMDirection(nn.Module):
 def _joint_wanted(x: torch.Tensor) -> bool:
     """On the Triton path, the tied bidirectional core runs as `bimamba_inner`: in training one
     autograd node; in inference too, for its conv of both directions from one read of x (1 Mb
-    model inference 3-4 ms faster, for the reverse direction's conv output held ~one scan longer).
+    model inference 0-2% faster on an H100, same peak memory: kernels/BENCHMARKS.md).
     GENOMAMBA_MIXER_AUTOGRAD=modular keeps one op (and autograd node) per step (A/B, tests)."""
     mode = os.environ.get("GENOMAMBA_MIXER_AUTOGRAD", "joint")
     if mode not in ("joint", "modular"):
