@@ -235,7 +235,7 @@ def check_long_grad(dim=1536, L=1 << 20, seg=4096):
 
 def check_tile_states(dim=256, lengths=(32768, 262144), slow=0.01):
     """Gradient accuracy of the per-tile state buffers' precision (GENOMAMBA_SCAN_TILES tile_bf16
-    0 = fp32, 1, 2 = the GPU default): bf16 inputs, the benchmark's decays (~55 steps) and decays 1/slow
+    0 = fp32, 1 = bf16, the GPU default): bf16 inputs, the benchmark's decays (~55 steps) and decays 1/slow
     times longer; against float64 autograd through the chunked PyTorch path up to 32,768 steps,
     beyond that against tile_bf16 = 0. Prints the relative error of every gradient."""
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -251,12 +251,12 @@ def check_tile_states(dim=256, lengths=(32768, 262144), slow=0.01):
                 selective_scan_chunked(*ref, delta_softplus=True, dtype=torch.float64).backward(g.double())
                 ref = [a.grad for a in ref]
             grads = {}
-            for level in (0, 1, 2):
+            for level in (0, 1):
                 os.environ["GENOMAMBA_SCAN_TILES"] = f"tile_bf16={level}"
                 x = [t[k].detach().clone().requires_grad_() for k in names]
                 selective_scan(*x, delta_softplus=True).backward(g)
                 grads[level] = [a.grad for a in x]
-            for level in (0, 1, 2):
+            for level in (0, 1):
                 against, what = (ref, "float64") if ref is not None else (grads[0], "tile_bf16=0")
                 errs = ", ".join(f"d{k} {rel(a, b):.1e}" for k, a, b in zip(names, grads[level], against))
                 print(f"  tile states (1, {dim}, {L}) bf16, A x {scale:g}, tile_bf16={level} vs {what}: {errs}")

@@ -34,8 +34,9 @@ KERNELS = {
     "adjoint": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, **_FLAGS)),
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
                                    RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, **_FLAGS)),
-    "pass": ("_state_passing_kernel", 1, dict(BC=32, BD=32, HAS_H0=False, HAS_SEQ=False, REVERSE=True)),
-    "pass4": ("_state_passing_kernel", 4, dict(BC=128, BD=32, HAS_H0=False, HAS_SEQ=False, REVERSE=True)),
+    # The passing over chunks / segments as launched at D = 512, batch 1 (its "step" is one row
+    # of the BC / warps each warp holds).
+    "pass": ("_state_passing_kernel", 4, dict(BC=128, BD=32, HAS_H0=False, HAS_SEQ=False, REVERSE=True)),
 }
 # Launch options other than num_warps, as _tile_config's defaults give them (register caps).
 OPTIONS = {"chunk": dict(maxnreg=128)}
@@ -43,10 +44,8 @@ OPTIONS = {"chunk": dict(maxnreg=128)}
 _UNIT = {"s_hc_d", "s_do_l"}
 _HALF = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "add_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
          "dz_ptr"}
-# Per-tile state buffers that are bf16 with bf16 inputs at tile_bf16 = 2, the GPU default (level 1
-# leaves the adjoint pass's per-tile sums S in fp32).
-_TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}, "adjoint": {"R_ptr"},
-              "pass": {"S_ptr", "Hin_ptr"}, "pass4": {"S_ptr", "Hin_ptr"}}
+# Per-tile state buffers that are bf16 with bf16 inputs at tile_bf16 = 1, the GPU default.
+_TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}, "adjoint": {"R_ptr"}}
 
 
 def compile_sm90(name: str):
