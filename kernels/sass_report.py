@@ -33,7 +33,7 @@ KERNELS = {
     "chunk": ("_chunk_state_kernel", 4, dict(BD=128, BN=16, T=8, PER_TILE=False, **_FLAGS)),
     "adjoint": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, **_FLAGS)),
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
-                                   RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, **_FLAGS)),
+                                   RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, HSEG=False, **_FLAGS)),
     # The passing over chunks / segments as launched at D = 512, batch 1 (its "step" is one row
     # of the BC / warps each warp holds).
     "pass": ("_state_passing_kernel", 4, dict(BC=128, BD=32, HAS_H0=False, HAS_SEQ=False, REVERSE=True)),

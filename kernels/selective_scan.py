@@ -248,10 +248,10 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
         SDT, RST = _decay_buffers(batch, n_chunks, dim, seq is not None, dev)
         K._chunk_state_kernel[(batch, n_dblk, n_chunks)](
             u, delta, A_nd, Bg, db if db is not None else dummy, seq if seq is not None else dummy, S, SDT, RST,
-            L, dim, nstate, chunk_tiles, dpg, n_chunks,
+            S, SDT, L, dim, nstate, chunk_tiles, dpg, n_chunks,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
             Bg.stride(0), Bg.stride(1), Bg.stride(2), seq_stride,
-            S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
+            S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0), 0, 0, 0, 0, 0,
             BD=BD, BN=BN, T=T, PER_TILE=False, num_warps=cfg["warps"], **flags,
             **_reg_cap(cfg.get("maxnreg_chunk", 0), dev))
         Hc = torch.empty_like(S)
@@ -282,36 +282,32 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
     return out, last, (tiles if save_tile_states else None), cfg
 
 
-def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles: int, BD: int, cfg: dict,
-                       flags: dict) -> torch.Tensor:
-    """The state entering every tile, (batch, tiles, N, dim) float32, as the forward would have
-    saved it: each tile's end state from zero (_chunk_state_kernel per tile), then state passing
-    in place; the memory lives only during this backward. Measured on an H100: +14 ms on the
-    44 ms forward+backward of (1, 512, 2^20), mostly the passing over 131,072 tiles."""
+def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, per: int, H, Hseg, PRE, BD: int, cfg: dict,
+                       flags: dict) -> None:
+    """What the backward's main kernel needs of the forward states when the forward kept none,
+    rebuilt per segment of `per` tiles (_chunk_state_kernel with PER_TILE): fills H (batch, tiles,
+    N, dim), the state entering each tile from its segment's start, PRE (batch, tiles, dim), the
+    sum of dt between, and Hseg (batch, segments, N, dim), the state entering each segment (state
+    passing over segments). The main kernel adds exp(A * PRE) * Hseg to H. The memory lives only
+    during this backward. (Before segments, the passing over every tile cost most of the +14 ms
+    this rebuild added to the 44 ms forward+backward of (1, 512, 2^20) on an H100.)"""
     batch, dim, L = u.shape
-    nstate = A_nd.shape[0]
+    nstate, n_tiles, n_seg = A_nd.shape[0], H.shape[1], Hseg.shape[1]
     dev = u.device
-    per = max(cfg["TPP"], triton.cdiv(n_tiles, 65535))  # programs sit on grid axis 2
-    progs = triton.cdiv(n_tiles, per)
-    rows = progs * per  # SDT and RST padded to whole programs, then viewed as n_tiles rows
-    # H: exactly n_tiles rows, so its strides equal those of the adjoint buffer (the main
-    # backward kernel reads both with one set of strides).
-    H = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32)
-    SDT, RST = _decay_buffers(batch, rows, dim, seq is not None, dev)
+    SDT, RST = _decay_buffers(batch, n_seg, dim, seq is not None, dev)
     dummy = H
-    K._chunk_state_kernel[(batch, triton.cdiv(dim, BD), progs)](
-        u, delta, A_nd, Bg, db if db is not None else dummy, seq if seq is not None else dummy, H, SDT, RST,
-        L, dim, nstate, per, dim // Bg.shape[1], n_tiles,
+    K._chunk_state_kernel[(batch, triton.cdiv(dim, BD), n_seg)](
+        u, delta, A_nd, Bg, db if db is not None else dummy, seq if seq is not None else dummy, Hseg, SDT, RST,
+        H, PRE, L, dim, nstate, per, dim // Bg.shape[1], n_tiles,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), seq.stride(0) if seq is not None else 0,
-        H.stride(0), H.stride(1), H.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
+        Hseg.stride(0), Hseg.stride(1), Hseg.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
+        H.stride(0), H.stride(1), H.stride(2), PRE.stride(0), PRE.stride(1),
         BD=BD, BN=cfg["BN"], T=cfg["T"], PER_TILE=True, num_warps=cfg["warps"], **flags,
         **_reg_cap(cfg.get("maxnreg_chunk", 0), dev))
     h0 = None if initial_state is None else initial_state.float().contiguous()
     last = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
-    SDT, RST = SDT[:, :n_tiles], RST[:, :n_tiles] if seq is not None else RST
-    _pass_states(H, SDT, RST, A_nd, h0, H, last, seq is not None, False, cfg)
-    return H
+    _pass_states(Hseg, SDT, RST, A_nd, h0, Hseg, last, seq is not None, False, cfg)
 
 
 def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -341,17 +337,22 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     flags = dict(HAS_DB=db is not None, SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq is not None,
                  REVERSE=bool(reverse), FAST=cfg["FAST"])
     zz = z if z is not None else u
-    if tiles.numel() == 0:  # the forward kept no states (recompute_states=True): rebuild them here
-        tiles = _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, n_tiles, BD, cfg, flags)
-        dummy = tiles
-    # Pass 1, per segment of TPP tiles walked against the scan: per tile, the adjoint entering it
-    # from within its segment (R) and the sum of dt between (SUF); per segment, the adjoint it
-    # hands on (S), its sum of dt and restarts.
-    tpp = cfg["TPP"]
+    # Segments of TPP tiles (more when the tiles would put more than 65,535 segments on grid axis 2
+    # of a rebuild below). Pass 1, per segment walked against the scan: per tile, the adjoint
+    # entering it from within its segment (R) and the sum of dt between (SUF); per segment, the
+    # adjoint it hands on (S), its sum of dt and restarts.
+    tpp = max(cfg["TPP"], triton.cdiv(n_tiles, 65535))
     n_seg = triton.cdiv(n_tiles, tpp)
+    rebuild = tiles.numel() == 0   # the forward kept no states (recompute_states=True)
+    halves = 2 if rebuild else 1   # a rebuild keeps its per-segment states and dt sums in the second halves
     R = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
-    SUF = torch.empty(batch, n_tiles, dim, device=dev, dtype=torch.float32)
-    S = torch.empty(batch, n_seg, nstate, dim, device=dev, dtype=torch.float32)
+    SUF = torch.empty(halves * batch, n_tiles, dim, device=dev, dtype=torch.float32)
+    S = torch.empty(halves * batch, n_seg, nstate, dim, device=dev, dtype=torch.float32)
+    if rebuild:
+        tiles = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32)
+        _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, tpp, tiles, S[batch:], SUF[batch:], BD,
+                           cfg, flags)
+        dummy = tiles
     SDT, RST = _decay_buffers(batch, n_seg, dim, seq is not None, dev)
     K._adjoint_tile_kernel[(n_seg, batch, triton.cdiv(dim, BD))](
         u, delta, A_nd, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy,
@@ -366,7 +367,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     # initial-state gradient.
     dh0 = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     dl = None if dlast is None else dlast.float().contiguous()
-    _pass_states(S, SDT, RST, A_nd, dl, S, dh0, seq is not None, True, cfg)
+    _pass_states(S[:batch], SDT, RST, A_nd, dl, S[:batch], dh0, seq is not None, True, cfg)
     del SDT, RST
     # Pass 3: every gradient, one program per (batch, tile, channel split).
     if nsplit is None:
@@ -422,7 +423,8 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dA_part.stride(0), (dD_part if dD_part is not None else ddb_part if ddb_part is not None else dA_part).stride(0),
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")), DZ_ACC=bool(dz_accumulate),
-        PART_ROWS=part_rows, num_warps=cfg["warps_bwd"], **flags, **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
+        PART_ROWS=part_rows, HSEG=rebuild, num_warps=cfg["warps_bwd"], **flags,
+        **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     if part_rows:
         sums = parts_buf.sum(0)
         dA = sums[:nstate * dim].view(nstate, dim).t()

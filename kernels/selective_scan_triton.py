@@ -262,9 +262,10 @@ def _scan_tnd(a, b, h, T: tl.constexpr, REVERSE: tl.constexpr):
 
 @triton.jit
 def _chunk_state_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, db_ptr, seq_ptr, S_ptr, SDT_ptr, RST_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, db_ptr, seq_ptr, S_ptr, SDT_ptr, RST_ptr, H_ptr, PRE_ptr,
     L, DIM, NSTATE, CHUNK_TILES, DIM_PER_GROUP, N_ROWS,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_seq_b, s_S_b, s_S_c, s_S_n, s_t_b, s_t_c, s_r_b,
+    s_H_b, s_H_c, s_H_n, s_p_b, s_p_c,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
     FAST: tl.constexpr, PER_TILE: tl.constexpr,
@@ -273,9 +274,11 @@ def _chunk_state_kernel(
     (SDT) and whether the sequence restarts inside it (RST). The chunk's total decay is
     exp(A * SDT), or 0 after a restart: the passing kernel forms it, so no (N, dim) decay buffer.
 
-    PER_TILE: the same for every tile of the program's CHUNK_TILES (rows of S, SDT and RST are
-    tiles; S has N_ROWS of them, SDT and RST are padded to whole programs): the backward's own
-    tile-entry states when the forward did not keep them.
+    PER_TILE (the backward's own tile-entry states, when the forward did not keep them): also, for
+    every tile of the chunk (here a segment of the backward's), H, the state entering it from the
+    segment's start, and PRE, the sum of dt over the segment's tiles before it (_NO_PATH after a
+    restart). H has N_ROWS rows. The passing kernel then gives the state entering every segment,
+    and the backward's main kernel adds it, decayed by exp(A * PRE).
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -303,29 +306,28 @@ def _chunk_state_kernel(
             u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, k0 + i + 1, L,
             u_base, s_u_d, dl_base, s_dl_d, 0, 0, B_base, s_B_n, 0, 0,
             offs_d, mask_d, offs_n, mask_n, T, False, False, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
-        a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
-        b = (dt * u)[:, None, :] * Bt[:, :, None]
         if PER_TILE:
             kt = k0 + i
-            h = _pick(_scan_tnd(a, b, tl.zeros((BN, BD), dtype=tl.float32), T, REVERSE), end, T)
-            # S has one row per tile; SDT and RST are padded to whole programs (the interpreter
-            # takes no scalar mask, nor a tensor mask combined with a scalar test)
-            tl.store(S_ptr + pid_b * s_S_b + kt * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :], h,
-                     mask=mnd & ((kt + offs_d[None, :] * 0) < N_ROWS))  # a tensor test: see above
-            tl.store(SDT_ptr + pid_b * s_t_b + kt * s_t_c + offs_d, tl.sum(dt, axis=0), mask=mask_d)
+            # a tensor test for the tiles past the last (the interpreter takes no scalar mask, nor a
+            # tensor mask combined with a scalar test)
+            past = (kt + offs_d * 0) >= N_ROWS
+            tl.store(H_ptr + pid_b * s_H_b + kt * s_H_c + offs_n[:, None] * s_H_n + offs_d[None, :], h,
+                     mask=mnd & ~past[None, :])
+            pre = sdt
             if HAS_SEQ:
-                tl.store(RST_ptr + pid_b * s_r_b + kt, tl.sum(reset.to(tl.int32), axis=0))
-        else:
-            h = _pick(_scan_tnd(a, b, h, T, REVERSE), end, T)
-            sdt += tl.sum(dt, axis=0)
-            if HAS_SEQ:
-                n_reset += tl.sum(reset.to(tl.int32), axis=0)
-    if not PER_TILE:
-        off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
-        tl.store(S_ptr + off, h, mask=mnd)
-        tl.store(SDT_ptr + pid_b * s_t_b + pid_c * s_t_c + offs_d, sdt, mask=mask_d)
+                pre = tl.where(n_reset > 0, _NO_PATH, sdt)
+            tl.store(PRE_ptr + pid_b * s_p_b + kt * s_p_c + offs_d, pre, mask=mask_d & ~past)
+        a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
+        b = (dt * u)[:, None, :] * Bt[:, :, None]
+        h = _pick(_scan_tnd(a, b, h, T, REVERSE), end, T)
+        sdt += tl.sum(dt, axis=0)
         if HAS_SEQ:
-            tl.store(RST_ptr + pid_b * s_r_b + pid_c, n_reset)
+            n_reset += tl.sum(reset.to(tl.int32), axis=0)
+    off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
+    tl.store(S_ptr + off, h, mask=mnd)
+    tl.store(SDT_ptr + pid_b * s_t_b + pid_c * s_t_c + offs_d, sdt, mask=mask_d)
+    if HAS_SEQ:
+        tl.store(RST_ptr + pid_b * s_r_b + pid_c, n_reset)
 
 
 @triton.jit
@@ -654,12 +656,17 @@ def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, 
                 pid_b, k, seg, d0, d_end, offs_n, mask_n, p, mask_t, DIM,
                 s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
                 s_rs_b, s_rs_c, s_f_b, s_f_c, s_dz_b, s_dz_d,
-                BD: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, DZ_ACC: tl.constexpr):
+                BD: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, DZ_ACC: tl.constexpr,
+                HSEG: tl.constexpr):
     """Raw loads of one channel block for the backward (issued one block ahead: prefetch), with
     the dz already there when DZ_ACC (a load at the store would stall the warp on memory).
     r0 (the adjoint entering the tile from within its segment), rseg (the one entering the
     segment) and suf (the sum of dt between them) make the tile's entering adjoint. (Made here, a
-    block ahead, the loop spills less but the kernel is 2% slower: H100, fifteenth session.)"""
+    block ahead, the loop spills less but the kernel is 2% slower: H100, fifteenth session.)
+    HSEG (tile states the backward rebuilt, per segment like the adjoints): the loaded h0 is the
+    state entering the tile from its segment's start; the state entering the segment and the sum
+    of dt between sit in the second halves (batch rows pid_b + batch) of the Rseg and SUF
+    buffers, and h0 gets the first, decayed over the second, here."""
     offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
     mask_d = offs_d < d_end
     mnd = mask_n[:, None] & mask_d[None, :]
@@ -679,6 +686,12 @@ def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, 
     rseg = tl.load(Rseg_ptr + pid_b * s_rs_b + seg * s_rs_c + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd,
                    other=0.0)
     suf = tl.load(SUF_ptr + pid_b * s_f_b + k * s_f_c + offs_d, mask=mask_d, other=0.0)
+    if HSEG:
+        b2 = pid_b + tl.num_programs(1)
+        hs = tl.load(Rseg_ptr + b2 * s_rs_b + seg * s_rs_c + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd,
+                     other=0.0)
+        pre = tl.load(SUF_ptr + b2 * s_f_b + k * s_f_c + offs_d, mask=mask_d, other=0.0)
+        h0 += tl.exp2(At * 1.4426950408889634 * pre[None, :]) * hs
     if DZ_ACC:
         dz0 = _load_td(dz_ptr, pid_b * s_dz_b, s_dz_d, offs_d, mask_d, p, mask_t)
     else:
@@ -701,6 +714,7 @@ def _bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, ATOMIC_BC: tl.constexpr, FAST: tl.constexpr,
     LANE_RS: tl.constexpr, RELOAD_BC: tl.constexpr, DZ_ACC: tl.constexpr, PART_ROWS: tl.constexpr,
+    HSEG: tl.constexpr,
 ):
     """Backward pass 3: all gradients of one time tile, looping over the channels of a split.
 
@@ -740,7 +754,7 @@ def _bwd_kernel(
         u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, Rseg_ptr, SUF_ptr, db_ptr, dz_ptr,
         pid_b, k, seg, d_start, d_end, offs_n, mask_n, p, mask_t, DIM,
         s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
-        s_rs_b, s_rs_c, s_f_b, s_f_c, s_dz_b, s_dz_d, BD, HAS_Z, HAS_DB, DZ_ACC)
+        s_rs_b, s_rs_c, s_f_b, s_f_c, s_dz_b, s_dz_d, BD, HAS_Z, HAS_DB, DZ_ACC, HSEG)
     for d0 in range(d_start, d_end, BD):
         offs_d, mask_d, At, u, raw, dout, zz, h0, r0, rseg, suf, dz0 = \
             o_n, md_n, A_n, u_n, raw_n, do_n, z_n, h0_n, r0_n, rs_n, sf_n, dz_n
@@ -748,7 +762,7 @@ def _bwd_kernel(
             u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, Rseg_ptr, SUF_ptr, db_ptr, dz_ptr,
             pid_b, k, seg, d0 + BD, d_end, offs_n, mask_n, p, mask_t, DIM,
             s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_h_b, s_h_c, s_h_n,
-            s_rs_b, s_rs_c, s_f_b, s_f_c, s_dz_b, s_dz_d, BD, HAS_Z, HAS_DB, DZ_ACC)
+            s_rs_b, s_rs_c, s_f_b, s_f_c, s_dz_b, s_dz_d, BD, HAS_Z, HAS_DB, DZ_ACC, HSEG)
         if RELOAD_BC:  # the loop-dependent mask keeps the compiler from hoisting the loads
             mtl = mask_t & (p * 0 + d0 < d_end)
             Bt = _load_tn(B_ptr, pid_b * s_B_b + g * s_B_g, s_B_n, offs_n, mask_n, p, mtl)

@@ -254,8 +254,9 @@ def test_triton_many_tiles_in_place_state_passing(reverse):
 def test_backward_segments_of_any_length(tpp, reverse, monkeypatch):
     """The backward's adjoint pass walks segments of TPP tiles and the passing runs over segments;
     the main kernel adds to each tile's in-segment adjoint the one entering its segment, decayed
-    over the tiles between (or cut by a restart between them). 11 tiles: segments of one tile, a
-    short last segment, one segment for all; restarts inside tiles, on a tile boundary and in the
+    over the tiles between (or cut by a restart between them); tile states the backward rebuilds
+    (recompute_states) are made per segment the same way. 11 tiles: segments of one tile, a short
+    last segment, one segment for all; restarts inside tiles, on a tile boundary and in the
     segment after a tile; gradients of the initial and the last state too."""
     monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"TPP={tpp}")
     L = 85
@@ -266,6 +267,8 @@ def test_backward_segments_of_any_length(tpp, reverse, monkeypatch):
     ids[1, 77:] = 1
     compare(make(batch=2, dim=4, L=L), 1e-5, reverse=reverse, seq_idx=ids)
     compare(make(batch=1, dim=4, L=L), 1e-5, reverse=reverse)
+    # the forward kept no tile states: the backward rebuilds them per segment as well
+    compare(make(batch=2, dim=4, L=L), 1e-5, reverse=reverse, seq_idx=ids, recompute_states=True)
 
 
 @pytest.mark.parametrize("reverse,packed,h0,batch", [(False, False, True, 2), (True, True, True, 1),
