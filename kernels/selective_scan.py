@@ -286,7 +286,7 @@ def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, per: int, H, 
                        flags: dict) -> None:
     """What the backward's main kernel needs of the forward states when the forward kept none,
     rebuilt per segment of `per` tiles (_chunk_state_kernel with PER_TILE): fills H (batch, tiles,
-    N, dim), the state entering each tile from its segment's start, PRE (batch, tiles, dim), the
+    N, dim; in the dtype of kept tile states), the state entering each tile from its segment's start, PRE (batch, tiles, dim), the
     sum of dt between, and Hseg (batch, segments, N, dim), the state entering each segment (state
     passing over segments). The main kernel adds exp(A * PRE) * Hseg to H. The memory lives only
     during this backward. (Before segments, the passing over every tile cost most of the +14 ms
@@ -349,7 +349,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     SUF = torch.empty(halves * batch, n_tiles, dim, device=dev, dtype=torch.float32)
     S = torch.empty(halves * batch, n_seg, nstate, dim, device=dev, dtype=torch.float32)
     if rebuild:
-        tiles = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=torch.float32)
+        tiles = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
         _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, tpp, tiles, S[batch:], SUF[batch:], BD,
                            cfg, flags)
         dummy = tiles
@@ -551,8 +551,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     packed sequences; backend: "triton", "torch" or None (see the module docstring);
     recompute_states (Triton path): the forward keeps no per-tile states for the backward (float32,
     N x 4 bytes per channel every 8 steps: 4 GiB for (1, 512, 2^20); bf16 and half that with bf16
-    inputs); the backward rebuilds them in float32 (~40% more backward time, measured at 131,072
-    and 2^20). For memory-bound (checkpointed) training.
+    inputs); the backward rebuilds them, stored like the kept ones (~40% more backward time,
+    measured at 131,072 and 2^20 before the rebuild went per segment). For memory-bound
+    (checkpointed) training.
     Precision: the scan carries its state in float32. With bf16 inputs on a GPU, the states the
     Triton backward keeps per 8-step tile are stored in bf16 (GENOMAMBA_SCAN_TILES="tile_bf16=0" keeps
     them in float32): a 131 kb training step ~5% faster with ~24% less memory, gradients within

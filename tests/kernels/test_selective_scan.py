@@ -589,6 +589,10 @@ def test_tile_states_in_bf16_for_bf16_inputs(level, monkeypatch):
     tile = bf if level >= 1 else f32
     assert seen == [{"R": tile, "S": f32}, {"H": tile, "R": tile, "Rseg": f32}]
     seen.clear()
+    # tile states the backward rebuilds (recompute_states) are stored like the kept ones
+    compare(make(batch=2, dim=16, L=45, dtype=bf), 1e-2, seq_idx=packed_seq_idx(2, 45), recompute_states=True)
+    assert seen == [{"R": tile, "S": f32}, {"H": tile, "R": tile, "Rseg": f32}]
+    seen.clear()
     compare(make(batch=2, dim=16, L=45), 1e-5)
     assert seen == [{"R": f32, "S": f32}, {"H": f32, "R": f32, "Rseg": f32}]
 
