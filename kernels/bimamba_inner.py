@@ -1,5 +1,6 @@
 """`bimamba_inner`: the tied bidirectional Mamba mixer between in_proj and out_proj as one autograd
-node on the Triton kernels (training), like mamba_ssm's `mamba_inner_fn` for one direction.
+node on the Triton kernels (training; without gradients, inference runs its forward alone), like
+mamba_ssm's `mamba_inner_fn` for one direction.
 
 xz (batch, 2*d_inner, L) = [x; z] -> y (batch, d_inner, L): per direction, causal (reverse:
 anti-causal) conv1d + SiLU, x_proj, dt_proj, selective scan gated by silu(z); the reverse scan
