@@ -139,7 +139,7 @@ def _block_channels(bd: int, dim_per_group: int, groups: int) -> int:
 
 
 def _decay_buffers(batch: int, n: int, dim: int, has_seq: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per chunk (or tile): the sum of dt per channel, and a restart flag when seq_idx is given.
+    """Per chunk (or backward segment): the sum of dt per channel, and a restart flag when seq_idx is given.
     The passing kernel turns them into decays exp(A * sum dt): 1/N of a per-state decay buffer."""
     sdt = torch.empty(batch, n, dim, device=device, dtype=torch.float32)
     rst = torch.empty(batch, n if has_seq else 1, device=device, dtype=torch.int32)

@@ -309,6 +309,7 @@ def test_joint_mixer_without_gradients_builds_no_node(monkeypatch):
 def test_joint_mixer_inference_equals_separate_ops(monkeypatch):
     """Inference (no_grad) on the Triton path also runs the tied core as bimamba_inner (both convs
     from one read of x): the same output as one op per step, with padding (seq_idx)."""
+    from genomamba.model import mixer
     from genomamba_kernels import bimamba_inner
 
     monkeypatch.setenv("GENOMAMBA_SCAN_BACKEND", "triton")
@@ -317,8 +318,6 @@ def test_joint_mixer_inference_equals_separate_ops(monkeypatch):
     x = ids(2, 13)
     mask = torch.ones(2, 13, dtype=torch.bool)
     mask[1, 9:] = False
-    from genomamba.model import mixer
-
     calls = []
     monkeypatch.setattr(mixer, "bimamba_inner", lambda *a, **k: calls.append(1) or bimamba_inner(*a, **k))
     out = {}
