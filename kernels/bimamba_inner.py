@@ -63,9 +63,10 @@ def _decays(A_log: torch.Tensor) -> torch.Tensor:
     return A.neg_()
 
 
-def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_backward):
+def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_backward, scan=True):
     """One direction after its conv: x_proj, dt_proj, the scan (adding y_add inside it). Returns y
-    and, when for_backward, what the backward needs (its locals are freed on return otherwise)."""
+    and, when for_backward, what the backward needs (its locals are freed on return otherwise).
+    scan=False: only what the backward needs (y is None, no tile states kept)."""
     cw, cb, wx, wdt, bdt, A_log, D = params
     nstate, rank = A_log.shape[1], wdt.shape[1]
     wx, wdt = wx.to(xc.dtype), wdt.to(xc.dtype)                       # cast once, kept for the backward
@@ -73,18 +74,22 @@ def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_b
     dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
     dt = _project(wdt, dtl)                                           # (batch, d_inner, L)
     A = _decays(A_log)
-    y, _, tiles, _ = selective_scan_triton_fwd(
-        xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
-        save_tile_states=save_tiles, out_add=y_add)
+    tiles = None
+    if scan:
+        y, _, tiles, _ = selective_scan_triton_fwd(
+            xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
+            save_tile_states=save_tiles, out_add=y_add)
+    else:
+        y = None
     if not for_backward:
         return y, []
     return y, [xc, xdbl, dt, tiles if tiles is not None else xc.new_empty(0, dtype=torch.float32), A, wx, wdt]
 
 
-def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backward):
+def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backward, scan=True):
     """Both directions' forward: y, and per direction what the backward needs (conv output,
     x_proj output, dt, per-tile states or an empty tensor, A, the x_proj and dt_proj weights in
-    the activations' dtype) when for_backward."""
+    the activations' dtype) when for_backward. scan=False: the latter only, no scan run."""
     d = xz.shape[1] // 2
     xi, z = xz[:, :d], xz[:, d:]
     fwd_p, rev_p = params[:N_DIRECTION_PARAMS], params[N_DIRECTION_PARAMS:]
@@ -95,10 +100,57 @@ def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backwa
     for i, (reverse, recompute) in enumerate(((False, recompute_fwd), (True, recompute_rev))):
         xc, convs[i] = convs[i], None
         y, kept = _direction_forward(xc, z, seq_idx, params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS],
-                                     reverse, for_backward and not recompute, y, for_backward)
+                                     reverse, for_backward and not recompute, y, for_backward, scan)
         del xc
         saved += kept
     return y, saved
+
+
+def _inner_backward(xz, seq_idx, saved, params, dy, y_out=None):
+    """Gradients of both directions from what _inner_forward kept (`saved`, emptied as it goes):
+    (dxz, the 14 parameter gradients). y_out: where the scans' backward also writes the summed,
+    gated output y (see selective_scan_triton_bwd)."""
+    d = xz.shape[1] // 2
+    xi, z = xz[:, :d], xz[:, d:]
+    dxz = torch.empty_like(xz)
+    dxi, dz = dxz[:, :d], dxz[:, d:]
+    grads = [None] * (2 * N_DIRECTION_PARAMS)
+    dus = [None, None]
+    # The reverse direction first, as separate nodes would run: its kept states are freed
+    # (under checkpointing) before the forward direction's backward rebuilds its own.
+    for i in (1, 0):
+        reverse, second = i == 1, i == 0
+        xc, xdbl, dt, tiles, A, wx_c, wdt_c = saved[_SAVED * i:_SAVED * (i + 1)]
+        saved[_SAVED * i:_SAVED * (i + 1)] = [None] * _SAVED
+        cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
+        nstate, rank = A_log.shape[1], wdt.shape[1]
+        dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
+        du, ddt, dA, dB, dC, dD, _, ddb, _ = selective_scan_triton_bwd(
+            dy, None, xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx, tiles,
+            _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=second, y_out=y_out)
+        del tiles, dt
+        ddtl = _project(wdt_c.t(), ddt)                               # dt_proj's input gradient
+        dwdt = weight_grad(ddt, dtl.transpose(1, 2))
+        del ddt
+        dxdbl = torch.cat([ddtl, dB.to(du.dtype), dC.to(du.dtype)], dim=1)   # (batch, R + 2N, L)
+        del ddtl, dB, dC
+        dwx = weight_grad(dxdbl, xc.transpose(1, 2))
+        wx_t = wx_c.to(du.dtype).t().unsqueeze(0).expand(du.shape[0], -1, -1)
+        du.baddbmm_(wx_t, dxdbl)                                      # + x_proj's input gradient
+        del dxdbl, xc
+        dus[i] = du                                                   # the conv output's gradient
+        del du
+        grads[i * N_DIRECTION_PARAMS + 2:(i + 1) * N_DIRECTION_PARAMS] = [
+            dwx.to(wx.dtype), dwdt.to(wdt.dtype), ddb.to(bdt.dtype), (dA * A).to(A_log.dtype), dD.to(D.dtype)]
+    # Both convs' backward in one pass over xi, writing dx into the x half of dxz.
+    (cw, cb), (cw_r, cb_r) = params[0:2], params[N_DIRECTION_PARAMS:N_DIRECTION_PARAMS + 2]
+    _, dcw, dcb, dcw_r, dcb_r = conv_bwd(dus[0], xi, cw, cb, seq_idx, True, False, dx_out=dxi,
+                                         dout2=dus[1], weight2=cw_r, bias2=cb_r)
+    del dus
+    grads[0:2] = [dcw.to(cw.dtype), dcb.to(cb.dtype) if cb is not None else None]
+    grads[N_DIRECTION_PARAMS:N_DIRECTION_PARAMS + 2] = [dcw_r.to(cw_r.dtype),
+                                                        dcb_r.to(cb_r.dtype) if cb_r is not None else None]
+    return dxz, grads
 
 
 class _BiMambaInner(torch.autograd.Function):
@@ -114,47 +166,30 @@ class _BiMambaInner(torch.autograd.Function):
         xz, seq_idx, *rest = ctx.saved_tensors
         saved, params = rest[:2 * _SAVED], rest[2 * _SAVED:]
         del rest
-        d = ctx.d
-        xi, z = xz[:, :d], xz[:, d:]
-        dxz = torch.empty_like(xz)
-        dxi, dz = dxz[:, :d], dxz[:, d:]
-        grads = [None] * (2 * N_DIRECTION_PARAMS)
-        dus = [None, None]
-        # The reverse direction first, as separate nodes would run: its kept states are freed
-        # (under checkpointing) before the forward direction's backward rebuilds its own.
-        for i in (1, 0):
-            reverse, second = i == 1, i == 0
-            xc, xdbl, dt, tiles, A, wx_c, wdt_c = saved[_SAVED * i:_SAVED * (i + 1)]
-            saved[_SAVED * i:_SAVED * (i + 1)] = [None] * _SAVED
-            cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
-            nstate, rank = A_log.shape[1], wdt.shape[1]
-            dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
-            du, ddt, dA, dB, dC, dD, _, ddb, _ = selective_scan_triton_bwd(
-                dy, None, xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx, tiles,
-                _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=second)
-            del tiles, dt
-            ddtl = _project(wdt_c.t(), ddt)                               # dt_proj's input gradient
-            dwdt = weight_grad(ddt, dtl.transpose(1, 2))
-            del ddt
-            dxdbl = torch.cat([ddtl, dB.to(du.dtype), dC.to(du.dtype)], dim=1)   # (batch, R + 2N, L)
-            del ddtl, dB, dC
-            dwx = weight_grad(dxdbl, xc.transpose(1, 2))
-            wx_t = wx_c.to(du.dtype).t().unsqueeze(0).expand(du.shape[0], -1, -1)
-            du.baddbmm_(wx_t, dxdbl)                                      # + x_proj's input gradient
-            del dxdbl, xc
-            dus[i] = du                                                   # the conv output's gradient
-            del du
-            grads[i * N_DIRECTION_PARAMS + 2:(i + 1) * N_DIRECTION_PARAMS] = [
-                dwx.to(wx.dtype), dwdt.to(wdt.dtype), ddb.to(bdt.dtype), (dA * A).to(A_log.dtype), dD.to(D.dtype)]
-        # Both convs' backward in one pass over xi, writing dx into the x half of dxz.
-        (cw, cb), (cw_r, cb_r) = params[0:2], params[N_DIRECTION_PARAMS:N_DIRECTION_PARAMS + 2]
-        _, dcw, dcb, dcw_r, dcb_r = conv_bwd(dus[0], xi, cw, cb, seq_idx, True, False, dx_out=dxi,
-                                             dout2=dus[1], weight2=cw_r, bias2=cb_r)
-        del dus
-        grads[0:2] = [dcw.to(cw.dtype), dcb.to(cb.dtype) if cb is not None else None]
-        grads[N_DIRECTION_PARAMS:N_DIRECTION_PARAMS + 2] = [dcw_r.to(cw_r.dtype),
-                                                            dcb_r.to(cb_r.dtype) if cb_r is not None else None]
+        dxz, grads = _inner_backward(xz, seq_idx, saved, params, dy)
         return (dxz, None, None, None, *grads)
+
+
+def bimamba_inner_backward_rebuilt(xz: torch.Tensor, fwd_params, rev_params, seq_idx: torch.Tensor | None,
+                                   dy: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """bimamba_inner's backward when its forward kept nothing (a checkpointed layer's backward):
+    recomputes both convs, x_proj and dt_proj from xz, but not the scans' forward. Both scans'
+    backward rebuild their tile states, and also write the summed gated output y, which the
+    caller needs for out_proj's weight gradient. Returns (dxz, the 14 parameter gradients in
+    fwd_params + rev_params order, y (batch, d_inner, L)).
+
+    Why: in a checkpointed layer the forward is run twice, once to get the layer's output and
+    again in the backward to recompute what the gradients need. The second scan forward per
+    direction (a chunk-state pass and an output pass) only produces y, which the scan's backward
+    computes anyway; the rebuild of the tile states costs one chunk-state pass.
+    """
+    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    params = (*fwd_params, *rev_params)
+    _, saved = _inner_forward(xz, seq, True, True, params, True, scan=False)
+    d = xz.shape[1] // 2
+    y = torch.empty((xz.shape[0], d, xz.shape[2]), device=xz.device, dtype=xz.dtype)
+    dxz, grads = _inner_backward(xz, seq, saved, params, dy, y_out=y)
+    return dxz, grads, y
 
 
 def bimamba_inner(xz: torch.Tensor, fwd_params, rev_params, seq_idx: torch.Tensor | None = None,

@@ -33,7 +33,12 @@ KERNELS = {
     "chunk": ("_chunk_state_kernel", 4, dict(BD=128, BN=16, T=8, PER_TILE=False, **_FLAGS)),
     "adjoint": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, **_FLAGS)),
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
-                                   RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, HSEG=False, **_FLAGS)),
+                                   RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, HSEG=False, Y_OUT=False,
+                                   **_FLAGS)),
+    # The checkpointed layer's backward (bimamba_inner's rebuild_forward): rebuilt tile states, the
+    # gated output written, the second direction adding its dz and y.
+    "bwd_y": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
+                                     RELOAD_BC=1, DZ_ACC=True, PART_ROWS=64, HSEG=True, Y_OUT=True, **_FLAGS)),
     # The passing over chunks / segments as launched at D = 512, batch 1 (its "step" is one row
     # of the BC / warps each warp holds).
     "pass": ("_state_passing_kernel", 4, dict(BC=128, BD=32, HAS_H0=False, HAS_SEQ=False, REVERSE=True)),
@@ -43,9 +48,10 @@ OPTIONS = {"chunk": dict(maxnreg=128)}
 # Strides that are 1 in a real launch (Triton then compiles them as the constant 1).
 _UNIT = {"s_hc_d", "s_do_l"}
 _HALF = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "add_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
-         "dz_ptr"}
+         "dz_ptr", "y_ptr"}
 # Per-tile state buffers that are bf16 with bf16 inputs at tile_bf16 = 1, the GPU default.
-_TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}, "adjoint": {"R_ptr"}}
+_TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}, "bwd_y": {"Htile_ptr", "Rtile_ptr"},
+              "adjoint": {"R_ptr"}}
 
 
 def compile_sm90(name: str):

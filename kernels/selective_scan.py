@@ -312,11 +312,13 @@ def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, per: int, H, 
 
 def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               initial_state, reverse, seq_idx, tiles, cfg, nsplit=None, dz_out=None,
-                              dz_accumulate=False):
+                              dz_accumulate=False, y_out=None):
     """Backward on Triton from the saved tile-entry states. Returns the input gradients.
 
     dz_out (like z, last dim contiguous): where dz is written (else a new tensor); with
-    dz_accumulate the kernel adds dz to what dz_out holds (two scans gated by one z)."""
+    dz_accumulate the kernel adds dz to what dz_out holds (two scans gated by one z).
+    y_out (like z, last dim contiguous; needs z): the forward's gated output is written there too
+    (added to what it holds with dz_accumulate), from the states the backward recomputes anyway."""
     u, delta, z = _last_contig(u), _last_contig(delta), _last_contig(z)  # dout: any strides
     Bg, Cg = _as_groups(B), _as_groups(C)
     batch, dim, L = u.shape
@@ -382,6 +384,8 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         raise ValueError("dz_out must be shaped like z with its last dim contiguous")
     if dz_accumulate and dz_out is None:
         raise ValueError("dz_accumulate needs dz_out")
+    if y_out is not None and (z is None or y_out.shape != z.shape or y_out.stride(-1) != 1):
+        raise ValueError("y_out needs z and must be shaped like it with its last dim contiguous")
     dz = (dz_out if dz_out is not None else torch.empty_like(z)) if z is not None else None
     alloc = torch.zeros if atomic_bc else torch.empty
     dB = alloc(Bg.shape, device=dev, dtype=torch.float32)
@@ -412,7 +416,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         u, delta, A_nd, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
         seq if seq is not None else dummy, dout, tiles, R, S, SUF,
         du, ddelta, dzz, dB, dC, dA_part, dD_part if dD_part is not None else dA_part,
-        ddb_part if ddb_part is not None else dA_part,
+        ddb_part if ddb_part is not None else dA_part, y_out if y_out is not None else dzz,
         L, dim, nstate, dpg, dps, nsplit, tpp,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1), Cg.stride(2),
@@ -421,9 +425,10 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1), dzz.stride(0), dzz.stride(1),
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
         dA_part.stride(0), (dD_part if dD_part is not None else ddb_part if ddb_part is not None else dA_part).stride(0),
+        *((y_out.stride(0), y_out.stride(1)) if y_out is not None else (0, 0)),
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")), DZ_ACC=bool(dz_accumulate),
-        PART_ROWS=part_rows, HSEG=rebuild, num_warps=cfg["warps_bwd"], **flags,
+        PART_ROWS=part_rows, HSEG=rebuild, Y_OUT=y_out is not None, num_warps=cfg["warps_bwd"], **flags,
         **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     if part_rows:
         sums = parts_buf.sum(0)

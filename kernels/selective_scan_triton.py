@@ -703,18 +703,18 @@ def _bwd_inputs(u_ptr, delta_ptr, z_ptr, dout_ptr, A_ptr, Htile_ptr, Rtile_ptr, 
 def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, db_ptr, seq_ptr, dout_ptr,
     Htile_ptr, Rtile_ptr, Rseg_ptr, SUF_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddb_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddb_ptr, y_ptr,
     L, DIM, NSTATE, DIM_PER_GROUP, DIM_PER_SPLIT, NSPLIT, SEG_TILES,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d,
     s_do_b, s_do_d, s_do_l, s_seq_b,
     s_h_b, s_h_c, s_h_n, s_rs_b, s_rs_c, s_f_b, s_f_c,
     s_du_b, s_du_d, s_ddl_b, s_ddl_d, s_dz_b, s_dz_d, s_dB_b, s_dB_g, s_dB_n, s_dC_b, s_dC_g, s_dC_n,
-    s_dA_t, s_dD_t,
+    s_dA_t, s_dD_t, s_y_b, s_y_d,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, ATOMIC_BC: tl.constexpr, FAST: tl.constexpr,
     LANE_RS: tl.constexpr, RELOAD_BC: tl.constexpr, DZ_ACC: tl.constexpr, PART_ROWS: tl.constexpr,
-    HSEG: tl.constexpr,
+    HSEG: tl.constexpr, Y_OUT: tl.constexpr,
 ):
     """Backward pass 3: all gradients of one time tile, looping over the channels of a split.
 
@@ -725,6 +725,9 @@ def _bwd_kernel(
     dA, dD and d(delta_bias) are per-tile partial sums, summed afterwards: PART_ROWS = 0 stores
     them in row `part` of buffers with one row per tile (deterministic); PART_ROWS = R adds them
     atomically into row `part % R` of R zeroed rows (R x less to write and to sum afterwards).
+    Y_OUT (with z): also writes the gated output y * silu(z), which the states recomputed here give
+    for free, into y_ptr (adding to what it holds with DZ_ACC, like dz): a layer's backward can then
+    skip re-running the scan's forward for out_proj's weight gradient (checkpointed training).
     """
     k = tl.program_id(0).to(tl.int64)            # tiles on axis 0 (more than 65,535 at 1 Mb)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -791,6 +794,12 @@ def _bwd_kernel(
             if DZ_ACC:  # a second scan gated by the same z (the other direction) adds its share
                 dz += dz0.to(tl.float32)
             tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            if Y_OUT:
+                y_off = pid_b * s_y_b + offs_d[None, :] * s_y_d + p[:, None]
+                yg = y * zz * sig
+                if DZ_ACC:
+                    yg += tl.load(y_ptr + y_off, mask=m2, other=0.0).to(tl.float32)
+                tl.store(y_ptr + y_off, yg.to(y_ptr.dtype.element_ty), mask=m2)
         else:
             dy = dout
         # q_t = C_t dy_t + a_{t+1} q_{t+1}, entered from the right with r0: one reverse scan.

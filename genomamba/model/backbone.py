@@ -7,6 +7,7 @@ import torch.nn as nn
 from genomamba_kernels import add_rms_norm
 from torch.utils.checkpoint import checkpoint
 
+from .checkpointed_mix import checkpointed_mix, rebuild_checkpoint_applies
 from .config import BiMambaConfig
 from .mixer import BiMambaMixer
 from .rcps import RCPSEmbedding, RCPSNorm, RCPSWrapper, rcps_strand_average
@@ -113,7 +114,10 @@ class BiMambaModel(nn.Module):
                 # outside it saves nothing for its backward): 4 bytes per position and channel.
                 residual = (hidden if residual is None else hidden + residual).to(
                     torch.float32 if fp32 else hidden.dtype)
-                hidden = checkpoint(layer.mix, residual, seq_idx, chunk_len, use_reentrant=False)
+                if rebuild_checkpoint_applies(layer, residual, chunk_len):
+                    hidden = checkpointed_mix(layer, residual, seq_idx)   # no second scan forward
+                else:
+                    hidden = checkpoint(layer.mix, residual, seq_idx, chunk_len, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual, seq_idx, chunk_len)
         normed, _ = add_norm(self.norm_f, hidden, residual, fp32, autocast_out=False)

@@ -331,6 +331,37 @@ def test_backward_writes_or_adds_dz_into_a_given_buffer(reverse, packed):
         run(dz_accumulate=True)
 
 
+@pytest.mark.parametrize("reverse,packed,rebuild", [(False, True, True), (True, False, False)])
+def test_backward_writes_the_gated_output(reverse, packed, rebuild):
+    """selective_scan_triton_bwd(y_out=): the backward also writes the forward's output (gated by
+    silu(z), D included) into a strided slice, or adds it there with dz_accumulate, from kept or
+    rebuilt tile states; the gradients do not change."""
+    from genomamba_kernels.selective_scan import _tile_config, selective_scan_triton_bwd, selective_scan_triton_fwd
+
+    t = make(batch=2, dim=8, L=45, h0=False)
+    seq = packed_seq_idx(2, 45) if packed else None
+    args = [t[k] for k in NAMES[:8]]
+    out, _, tiles, cfg = selective_scan_triton_fwd(*args, delta_softplus=True, reverse=reverse, seq_idx=seq,
+                                                   save_tile_states=not rebuild)
+    tiles = torch.empty(0) if rebuild else tiles
+    dout = torch.randn_like(t["u"])
+    run = lambda **kw: selective_scan_triton_bwd(dout, None, *args, True, None, reverse, seq, tiles, cfg, **kw)  # noqa: E731
+    plain = run()
+    buf = torch.randn(2, 16, 45)
+    before = buf.clone()
+    dz = torch.zeros(2, 8, 45)
+    with_y = run(y_out=buf[:, :8], dz_out=dz)
+    assert torch.allclose(buf[:, :8], out, atol=1e-5, rtol=1e-5) and torch.equal(buf[:, 8:], before[:, 8:])
+    assert out.abs().max() > 0.1
+    for a, b in zip(with_y, plain):
+        if a is not None:
+            assert torch.equal(a, b)
+    run(y_out=buf[:, :8], dz_out=dz, dz_accumulate=True)
+    assert torch.allclose(buf[:, :8], 2 * out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="y_out needs z"):
+        run(y_out=buf[:, :8, :40])
+
+
 def test_inference_launches_kernels_without_the_custom_op(tmp_path):
     """Under no_grad the scan and the conv skip the torch.library custom ops (whose first call
     imports torch._dynamo: seconds per process) and give the same outputs as the op path."""

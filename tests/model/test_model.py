@@ -292,6 +292,45 @@ def test_joint_mixer_backward_equals_separate_nodes(monkeypatch, ckpt):
     assert g_mod["layers.0.mixer.mixer.rev.A_log"].abs().max() > 0  # the comparison is not of zeros
 
 
+def test_checkpointed_layers_skip_the_second_scan_forward(monkeypatch):
+    """Triton path (interpreter), checkpointing: each tied bidirectional layer is one checkpointed
+    node whose backward runs no scan forward (y comes from the scans' backward), with the outputs
+    and every gradient of the model without checkpointing, with padding; GENOMAMBA_CHECKPOINT=torch
+    falls back to torch.utils.checkpoint."""
+    import importlib
+
+    inner = importlib.import_module("genomamba_kernels.bimamba_inner")   # the package exports the function
+    monkeypatch.setenv("GENOMAMBA_SCAN_BACKEND", "triton")
+    x = ids(1, 21)
+    mask = torch.ones(1, 21, dtype=torch.bool)
+    mask[0, 17:] = False
+    weight = torch.randn(1, 21, 8, generator=torch.Generator().manual_seed(1))
+    scans = []
+    real_fwd = inner.selective_scan_triton_fwd
+    monkeypatch.setattr(inner, "selective_scan_triton_fwd", lambda *a, **k: scans.append(1) or real_fwd(*a, **k))
+    results = {}
+    for name, ckpt, mode in (("plain", False, "rebuild"), ("rebuild", True, "rebuild"), ("torch", True, "torch")):
+        monkeypatch.setenv("GENOMAMBA_CHECKPOINT", mode)
+        torch.manual_seed(0)
+        m = BiMambaModel(BiMambaConfig(d_model=8, n_layer=2, d_state=4, gradient_checkpointing=ckpt)).train()
+        h = m(x, mask)
+        names = _graph_names(h)
+        assert any("CheckpointedMix" in n for n in names) == (name == "rebuild")
+        scans.clear()
+        (h * weight).sum().backward()
+        assert len(scans) == {"plain": 0, "rebuild": 0, "torch": 4}[name]   # 2 layers x 2 directions
+        results[name] = ({k: p.grad.clone() for k, p in m.named_parameters()}, h.detach())
+    g_plain, h_plain = results["plain"]
+    for name in ("rebuild", "torch"):
+        g, h = results[name]
+        assert torch.allclose(h, h_plain, atol=1e-6), name
+        assert g.keys() == g_plain.keys()
+        for k in g_plain:
+            assert torch.allclose(g[k], g_plain[k], atol=1e-5, rtol=1e-4), (name, k)
+    assert g_plain["layers.0.mixer.mixer.out_proj.weight"].abs().max() > 0
+    assert g_plain["layers.1.mixer.mixer.rev.A_log"].abs().max() > 0
+
+
 def test_joint_mixer_without_gradients_builds_no_node(monkeypatch):
     """Grad mode on but nothing requiring a gradient (a frozen model): bimamba_inner runs its
     forward without the autograd node (no per-tile states kept), with the same output."""

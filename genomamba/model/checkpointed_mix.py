@@ -1,0 +1,87 @@
+"""Per-layer gradient checkpointing that does not re-run the scans' forward.
+
+torch.utils.checkpoint runs a layer's forward once without gradients and, in the backward, once
+more with them, to rebuild what the backward reads. For a tied bidirectional layer on the Triton
+kernels most of that second forward is the two scans (a chunk-state pass and an output pass each),
+and all it is needed for is their output y: out_proj's weight gradient reads it. The scans'
+backward recomputes the states that give y anyway, so here it writes y out
+(`bimamba_inner_backward_rebuilt`), and the second forward stops at in_proj.
+
+`checkpointed_mix(block, residual, seq_idx)` equals `checkpoint(block.mix, residual, seq_idx)` in
+value and gradient: the gradients differ only by where y is rounded (bf16 per-tile states, as for
+dz). Layers it does not cover (RC-equivariant, untied or one-directional mixers, the PyTorch path,
+chunked mixing, torch.compile) keep torch.utils.checkpoint (`rebuild_checkpoint_applies`).
+GENOMAMBA_CHECKPOINT=torch keeps it for every layer (A/B runs, tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+from genomamba_kernels.bimamba_inner import bimamba_inner_backward_rebuilt, weight_grad
+
+from .mixer import BiMambaMixer, _InProjection, _joint_wanted, project_channels_first
+
+
+def _mixer_of(block) -> BiMambaMixer | None:
+    inner = getattr(block.mixer, "mixer", None)   # the _MixerAdapter's mixer (None under RCPS)
+    return inner if isinstance(inner, BiMambaMixer) else None
+
+
+def rebuild_checkpoint_applies(block, residual: torch.Tensor, chunk_len: int | None) -> bool:
+    """Whether `checkpointed_mix` covers this layer and call (else use torch.utils.checkpoint)."""
+    mode = os.environ.get("GENOMAMBA_CHECKPOINT", "rebuild")
+    if mode not in ("rebuild", "torch"):
+        raise ValueError(f"GENOMAMBA_CHECKPOINT must be 'rebuild' or 'torch', got {mode!r}")
+    mixer = _mixer_of(block)
+    return (mode == "rebuild" and mixer is not None and mixer.rev is not None and not mixer.untied
+            and isinstance(block.norm, nn.RMSNorm) and (chunk_len is None or chunk_len >= residual.shape[1])
+            and _joint_wanted(residual))
+
+
+class _CheckpointedMix(torch.autograd.Function):
+    """block.mix(residual) keeping only the residual; the backward recomputes up to in_proj."""
+
+    @staticmethod
+    def forward(ctx, block, residual, seq_idx, *params):
+        dev = residual.device.type
+        ctx.block, ctx.seq_idx = block, seq_idx
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.save_for_backward(residual)
+        return block.mix(residual, seq_idx)        # runs without gradients: the inference path
+
+    @staticmethod
+    def backward(ctx, dout):
+        (residual,) = ctx.saved_tensors
+        block, seq_idx = ctx.block, ctx.seq_idx
+        mixer = _mixer_of(block)
+        params = list(block.parameters())
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(residual.device.type, dtype=dtype, enabled=enabled):
+            r = residual.detach().requires_grad_(ctx.needs_input_grad[1])
+            normed = block.add_norm(r, None)[0]
+            xz = _InProjection.apply(normed, mixer.in_proj.weight)     # (batch, 2*d_inner, L)
+        w_out = mixer.out_proj.weight
+        dout_cf = dout.transpose(1, 2)                                  # (batch, d_model, L)
+        dy = project_channels_first(w_out.t().to(dout.dtype), dout_cf)  # out_proj's input gradient
+        dxz, core_grads, y = bimamba_inner_backward_rebuilt(
+            xz.detach(), mixer.fwd.inner_params(), mixer.rev.inner_params(), seq_idx, dy)
+        del dy
+        grads = {id(w_out): weight_grad(dout_cf, y.transpose(1, 2)).to(w_out.dtype)}
+        del y
+        core = (*mixer.fwd.inner_params(), *mixer.rev.inner_params())
+        grads.update((id(p), g) for p, g in zip(core, core_grads))
+        outer = [p for p in (block.norm.weight, mixer.in_proj.weight) if p.requires_grad]
+        inputs = ([r] if r.requires_grad else []) + outer
+        outer_grads = torch.autograd.grad(xz, inputs, dxz)
+        d_residual = outer_grads[0] if r.requires_grad else None
+        grads.update((id(p), g) for p, g in zip(outer, outer_grads[len(inputs) - len(outer):]))
+        param_grads = [grads.get(id(p)) if p.requires_grad else None for p in params]
+        return (None, d_residual, None, *param_grads)
+
+
+def checkpointed_mix(block, residual: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """block.mix(residual, seq_idx) as one checkpointed node (see the module docstring)."""
+    return _CheckpointedMix.apply(block, residual, seq_idx, *block.parameters())
