@@ -106,10 +106,11 @@ def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backwa
     return y, saved
 
 
-def _inner_backward(xz, seq_idx, saved, params, dy, y_out=None):
+def _inner_backward(xz, seq_idx, saved, params, dy, y_sink=None):
     """Gradients of both directions from what _inner_forward kept (`saved`, emptied as it goes):
-    (dxz, the 14 parameter gradients). y_out: where the scans' backward also writes the summed,
-    gated output y (see selective_scan_triton_bwd)."""
+    (dxz, the 14 parameter gradients). y_sink: the scans' backward also writes the summed, gated
+    output y (see selective_scan_triton_bwd), into the x half of dxz, which holds nothing until
+    the conv backward; y_sink(y) is called in between."""
     d = xz.shape[1] // 2
     xi, z = xz[:, :d], xz[:, d:]
     dxz = torch.empty_like(xz)
@@ -127,7 +128,8 @@ def _inner_backward(xz, seq_idx, saved, params, dy, y_out=None):
         dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
         du, ddt, dA, dB, dC, dD, _, ddb, _ = selective_scan_triton_bwd(
             dy, None, xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx, tiles,
-            _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=second, y_out=y_out)
+            _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=second,
+            y_out=dxi if y_sink is not None else None)
         del tiles, dt
         ddtl = _project(wdt_c.t(), ddt)                               # dt_proj's input gradient
         dwdt = weight_grad(ddt, dtl.transpose(1, 2))
@@ -142,6 +144,8 @@ def _inner_backward(xz, seq_idx, saved, params, dy, y_out=None):
         del du
         grads[i * N_DIRECTION_PARAMS + 2:(i + 1) * N_DIRECTION_PARAMS] = [
             dwx.to(wx.dtype), dwdt.to(wdt.dtype), ddb.to(bdt.dtype), (dA * A).to(A_log.dtype), dD.to(D.dtype)]
+    if y_sink is not None:
+        y_sink(dxi)
     # Both convs' backward in one pass over xi, writing dx into the x half of dxz.
     (cw, cb), (cw_r, cb_r) = params[0:2], params[N_DIRECTION_PARAMS:N_DIRECTION_PARAMS + 2]
     _, dcw, dcb, dcw_r, dcb_r = conv_bwd(dus[0], xi, cw, cb, seq_idx, True, False, dx_out=dxi,
@@ -171,12 +175,12 @@ class _BiMambaInner(torch.autograd.Function):
 
 
 def bimamba_inner_backward_rebuilt(xz: torch.Tensor, fwd_params, rev_params, seq_idx: torch.Tensor | None,
-                                   dy: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
+                                   dy: torch.Tensor, y_sink) -> tuple[torch.Tensor, list]:
     """bimamba_inner's backward when its forward kept nothing (a checkpointed layer's backward):
     recomputes both convs, x_proj and dt_proj from xz, but not the scans' forward. Both scans'
     backward rebuild their tile states, and also write the summed gated output y, which the
-    caller needs for out_proj's weight gradient. Returns (dxz, the 14 parameter gradients in
-    fwd_params + rev_params order, y (batch, d_inner, L)).
+    caller needs for out_proj's weight gradient: y_sink(y) is called with it (a view valid only
+    during the call). Returns (dxz, the 14 parameter gradients in fwd_params + rev_params order).
 
     Why: in a checkpointed layer the forward is run twice, once to get the layer's output and
     again in the backward to recompute what the gradients need. The second scan forward per
@@ -186,10 +190,7 @@ def bimamba_inner_backward_rebuilt(xz: torch.Tensor, fwd_params, rev_params, seq
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     params = (*fwd_params, *rev_params)
     _, saved = _inner_forward(xz, seq, True, True, params, True, scan=False)
-    d = xz.shape[1] // 2
-    y = torch.empty((xz.shape[0], d, xz.shape[2]), device=xz.device, dtype=xz.dtype)
-    dxz, grads = _inner_backward(xz, seq, saved, params, dy, y_out=y)
-    return dxz, grads, y
+    return _inner_backward(xz, seq, saved, params, dy, y_sink)
 
 
 def bimamba_inner(xz: torch.Tensor, fwd_params, rev_params, seq_idx: torch.Tensor | None = None,

@@ -8,8 +8,9 @@ backward recomputes the states that give y anyway, so here it writes y out
 (`bimamba_inner_backward_rebuilt`), and the second forward stops at in_proj.
 
 `checkpointed_mix(block, residual, seq_idx)` equals `checkpoint(block.mix, residual, seq_idx)` in
-value and gradient: the gradients differ only by where y is rounded (bf16 per-tile states, as for
-dz). Layers it does not cover (RC-equivariant, untied or one-directional mixers, the PyTorch path,
+value and gradient up to rounding: its forward is the inference path (torch.utils.checkpoint runs
+the training one and drops what it keeps), and out_proj's weight gradient reads y as the scans'
+backward recomputes it (from per-tile states stored in bf16 with bf16 inputs, as dz is). Layers it does not cover (RC-equivariant, untied or one-directional mixers, the PyTorch path,
 chunked mixing, torch.compile) keep torch.utils.checkpoint (`rebuild_checkpoint_applies`).
 GENOMAMBA_CHECKPOINT=torch keeps it for every layer (A/B runs, tests).
 """
@@ -66,11 +67,14 @@ class _CheckpointedMix(torch.autograd.Function):
         w_out = mixer.out_proj.weight
         dout_cf = dout.transpose(1, 2)                                  # (batch, d_model, L)
         dy = project_channels_first(w_out.t().to(dout.dtype), dout_cf)  # out_proj's input gradient
-        dxz, core_grads, y = bimamba_inner_backward_rebuilt(
-            xz.detach(), mixer.fwd.inner_params(), mixer.rev.inner_params(), seq_idx, dy)
+        grads = {}
+
+        def out_proj_weight_grad(y):
+            grads[id(w_out)] = weight_grad(dout_cf, y.transpose(1, 2)).to(w_out.dtype)
+
+        dxz, core_grads = bimamba_inner_backward_rebuilt(
+            xz.detach(), mixer.fwd.inner_params(), mixer.rev.inner_params(), seq_idx, dy, out_proj_weight_grad)
         del dy
-        grads = {id(w_out): weight_grad(dout_cf, y.transpose(1, 2)).to(w_out.dtype)}
-        del y
         core = (*mixer.fwd.inner_params(), *mixer.rev.inner_params())
         grads.update((id(p), g) for p, g in zip(core, core_grads))
         outer = [p for p in (block.norm.weight, mixer.in_proj.weight) if p.requires_grad]
