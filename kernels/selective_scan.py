@@ -55,7 +55,7 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
         cfg = dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
-                   FAST=False, lane_rs=1, reload_bc=0, part_rows=3, tile_bf16=0)
+                   FAST=False, lane_rs=1, reload_bc=0, part_rows=3, tile_bf16=0, seg_fixup=0)
         return _override(cfg)
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
     # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements;
@@ -80,13 +80,13 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # passing walks in the backward (see _adjoint_tile_kernel).
     cfg = dict(T=8, BD=128, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=4, warps_bwd=1, warps_pass=0,
                maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1, maxnreg_fwd=0, maxnreg_fwdt=0,
-               maxnreg_chunk=128, maxnreg_adj=0, part_rows=64, tile_bf16=1)
+               maxnreg_chunk=128, maxnreg_adj=0, part_rows=64, tile_bf16=1, seg_fixup=0)
     return _override(cfg)
 
 
 _TUNING_KEYS = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP", "BC", "BD_PASS", "warps_pass",
                 "lane_rs", "reload_bc", "maxnreg_fwd", "maxnreg_fwdt", "maxnreg_chunk", "maxnreg_adj",
-                "part_rows", "tile_bf16")
+                "part_rows", "tile_bf16", "seg_fixup")
 
 
 def _override(cfg: dict) -> dict:
@@ -283,7 +283,7 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
 
 
 def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, per: int, H, Hseg, PRE, BD: int, cfg: dict,
-                       flags: dict) -> None:
+                       flags: dict, fixup: bool) -> None:
     """What the backward's main kernel needs of the forward states when the forward kept none,
     rebuilt per segment of `per` tiles (_chunk_state_kernel with PER_TILE): fills H (batch, tiles,
     N, dim; in the dtype of kept tile states), the state entering each tile from its segment's
@@ -308,6 +308,11 @@ def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, per: int, H, 
     h0 = None if initial_state is None else initial_state.float().contiguous()
     last = torch.empty(batch, dim, nstate, device=dev, dtype=torch.float32)
     _pass_states(Hseg, SDT, RST, A_nd, h0, Hseg, last, seq is not None, False, cfg)
+    if fixup:   # H += exp(A * PRE) * Hseg here, once, rather than in the main kernel
+        K._segment_fixup_kernel[(n_seg, batch, triton.cdiv(dim, BD))](
+            H, Hseg, PRE, A_nd, dim, nstate, per, n_tiles, H.stride(0), H.stride(1), H.stride(2),
+            Hseg.stride(0), Hseg.stride(1), Hseg.stride(2), PRE.stride(0), PRE.stride(1),
+            BD=BD, BN=cfg["BN"], num_warps=cfg["warps"])
 
 
 def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -346,6 +351,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     tpp = max(cfg["TPP"], triton.cdiv(n_tiles, 65535))
     n_seg = triton.cdiv(n_tiles, tpp)
     rebuild = tiles.numel() == 0   # the forward kept no states (recompute_states=True)
+    fixup = rebuild and bool(cfg.get("seg_fixup"))
     halves = 2 if rebuild else 1   # a rebuild keeps its per-segment states and dt sums in the second halves
     R = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
     SUF = torch.empty(halves * batch, n_tiles, dim, device=dev, dtype=torch.float32)
@@ -353,7 +359,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     if rebuild:
         tiles = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
         _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, tpp, tiles, S[batch:], SUF[batch:], BD,
-                           cfg, flags)
+                           cfg, flags, fixup)
         dummy = tiles
     SDT, RST = _decay_buffers(batch, n_seg, dim, seq is not None, dev)
     K._adjoint_tile_kernel[(n_seg, batch, triton.cdiv(dim, BD))](
@@ -428,7 +434,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         *((y_out.stride(0), y_out.stride(1)) if y_out is not None else (0, 0)),
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")), DZ_ACC=bool(dz_accumulate),
-        PART_ROWS=part_rows, HSEG=rebuild, Y_OUT=y_out is not None, num_warps=cfg["warps_bwd"], **flags,
+        PART_ROWS=part_rows, HSEG=rebuild and not fixup, Y_OUT=y_out is not None, num_warps=cfg["warps_bwd"], **flags,
         **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     if part_rows:
         sums = parts_buf.sum(0)

@@ -331,6 +331,33 @@ def _chunk_state_kernel(
 
 
 @triton.jit
+def _segment_fixup_kernel(H_ptr, Hseg_ptr, PRE_ptr, A_ptr, DIM, NSTATE, SEG_TILES, N_ROWS,
+                          s_H_b, s_H_c, s_H_n, s_S_b, s_S_c, s_S_n, s_p_b, s_p_c,
+                          BD: tl.constexpr, BN: tl.constexpr):
+    """Rebuilt tile states made whole, for the TPP tiles of one segment: H (the state entering
+    each tile from its segment's start, _chunk_state_kernel with PER_TILE) += exp(A * PRE) * Hseg
+    (the state entering the segment, decayed over PRE, the sum of dt between; 0 after a restart).
+    Done here once, the backward's main kernel reads H as it reads kept states (no HSEG)."""
+    seg = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = (tl.program_id(2) * BD + tl.arange(0, BD)).to(tl.int64)
+    mask_d = offs_d < DIM
+    offs_n = tl.arange(0, BN)
+    mnd = (offs_n < NSTATE)[:, None] & mask_d[None, :]
+    A2 = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
+    hs = tl.load(Hseg_ptr + pid_b * s_S_b + seg * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :], mask=mnd,
+                 other=0.0)
+    for i in range(0, SEG_TILES):
+        kt = seg * SEG_TILES + i
+        past = (kt + offs_d * 0) >= N_ROWS      # a tensor test, as in _chunk_state_kernel
+        pre = tl.load(PRE_ptr + pid_b * s_p_b + kt * s_p_c + offs_d, mask=mask_d & ~past, other=0.0)
+        hoff = pid_b * s_H_b + kt * s_H_c + offs_n[:, None] * s_H_n + offs_d[None, :]
+        m = mnd & ~past[None, :]
+        h = tl.load(H_ptr + hoff, mask=m, other=0.0).to(tl.float32) + tl.exp2(A2 * pre[None, :]) * hs
+        tl.store(H_ptr + hoff, h.to(H_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _pass_block(S_ptr, SDT_ptr, RST_ptr, base, base_t, base_r, s_c, s_t_c, A2, mask_d, c0, NCHUNK,
                 BC: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr):
     """Chunk indices, the (BC, BD) block of S and the chunks' decays for logical chunks c0 .. c0+BC-1."""
