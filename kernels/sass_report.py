@@ -35,10 +35,10 @@ KERNELS = {
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
                                    RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, HSEG=False, Y_OUT=False,
                                    **_FLAGS)),
-    # The checkpointed layer's backward (bimamba_inner's rebuild_forward): rebuilt tile states, the
-    # gated output written, the second direction adding its dz and y.
+    # A checkpointed layer's backward (bimamba_inner_backward_rebuilt): rebuilt tile states made
+    # whole by _segment_fixup_kernel, the gated output written, the second direction adding dz and y.
     "bwd_y": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
-                                     RELOAD_BC=1, DZ_ACC=True, PART_ROWS=64, HSEG=True, Y_OUT=True, **_FLAGS)),
+                                     RELOAD_BC=1, DZ_ACC=True, PART_ROWS=64, HSEG=False, Y_OUT=True, **_FLAGS)),
     # The passing over chunks / segments as launched at D = 512, batch 1 (its "step" is one row
     # of the BC / warps each warp holds).
     "pass": ("_state_passing_kernel", 4, dict(BC=128, BD=32, HAS_H0=False, HAS_SEQ=False, REVERSE=True)),

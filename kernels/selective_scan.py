@@ -55,7 +55,7 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     bn = triton.next_power_of_2(nstate)
     if _interpreting() or device.type != "cuda":
         cfg = dict(T=8, BD=4, BD_BWD=4, BC=8, BD_PASS=64, BN=bn, warps=1, warps_bwd=1, warps_pass=1, TPP=2,
-                   FAST=False, lane_rs=1, reload_bc=0, part_rows=3, tile_bf16=0, seg_fixup=0)
+                   FAST=False, lane_rs=1, reload_bc=0, part_rows=3, tile_bf16=0, seg_fixup=1)
         return _override(cfg)
     # BD = 32 x warps puts one channel on each thread with all N states in its registers, so the
     # sums over N need no shuffles or shared memory (kernels/BENCHMARKS.md has the measurements;
@@ -78,9 +78,13 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # (_tile_dtype). The interpreter's default stays 0 (tests select the levels explicitly).
     # TPP: tiles per program of the backward's adjoint pass, which is also the segment the state
     # passing walks in the backward (see _adjoint_tile_kernel).
+    # seg_fixup = 1: tile states the backward rebuilds get their segment's entering state from a
+    # kernel of their own (_segment_fixup_kernel) rather than in the main kernel (HSEG): the
+    # (1, 512, 2^20) backward from rebuilt states 28.0 -> 27.5 ms (29.0 -> 28.0 ms writing y
+    # too), checkpointed 1 Mb training step 1,685 -> 1,632 ms (H100, sixteenth session).
     cfg = dict(T=8, BD=128, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=4, warps_bwd=1, warps_pass=0,
                maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1, maxnreg_fwd=0, maxnreg_fwdt=0,
-               maxnreg_chunk=128, maxnreg_adj=0, part_rows=64, tile_bf16=1, seg_fixup=0)
+               maxnreg_chunk=128, maxnreg_adj=0, part_rows=64, tile_bf16=1, seg_fixup=1)
     return _override(cfg)
 
 
@@ -92,12 +96,14 @@ _TUNING_KEYS = ("T", "BD", "BD_BWD", "warps", "warps_bwd", "maxnreg_bwd", "TPP",
 def _override(cfg: dict) -> dict:
     """For tuning: GENOMAMBA_SCAN_TILES="field=value,..." (any of _TUNING_KEYS) or, positionally,
     "T,BD,BD_BWD,warps,warps_bwd[,maxnreg_bwd[,TPP[,BC[,BD_PASS[,warps_pass
-    [,lane_rs[,reload_bc[,maxnreg_fwd[,maxnreg_fwdt[,maxnreg_chunk[,maxnreg_adj[,part_rows[,tile_bf16]]]]]]]]]]]]]]"
+    [,lane_rs[,reload_bc[,maxnreg_fwd[,maxnreg_fwdt[,maxnreg_chunk[,maxnreg_adj[,part_rows[,tile_bf16
+    [,seg_fixup]]]]]]]]]]]]]]]"
     (maxnreg 0 = the compiler's choice, warps_pass 0 = per launch; maxnreg_fwd caps the forward's
     output pass without autograd, maxnreg_fwdt the one that saves tile states; part_rows: the rows
     the backward's dA / dD / d(delta_bias) partial sums are added into, 0 = one per tile, stored;
     tile_bf16: with bf16 inputs, 0 = every per-tile state buffer of the training path in fp32,
-    1 (the GPU default) = in bf16; see _tile_dtype)."""
+    1 (the GPU default) = in bf16; see _tile_dtype; seg_fixup: rebuilt tile states made whole by
+    their own kernel, 1, the default, or in the backward's main kernel, 0)."""
     override = os.environ.get("GENOMAMBA_SCAN_TILES")
     if override and "=" in override:  # named fields, e.g. "tile_bf16=0,part_rows=0"
         for item in override.split(","):
