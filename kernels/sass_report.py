@@ -31,9 +31,7 @@ KERNELS = {
     "fwd_train": ("_fwd_kernel", 4, dict(BD=128, BN=16, T=8, HAS_D=True, HAS_Z=True, HAS_HCHUNK=True,
                                          SAVE_TILES=True, HAS_ADD=False, **_FLAGS)),
     "chunk": ("_chunk_state_kernel", 4, dict(BD=128, BN=16, T=8, PER_TILE=False, **_FLAGS)),
-    "adjoint": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, HFIX=False, **_FLAGS)),
-    # with the rebuilt tile states made whole in its loop (seg_fixup=2)
-    "adjoint_fix": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, HFIX=True, **_FLAGS)),
+    "adjoint": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, **_FLAGS)),
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
                                    RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, HSEG=False, Y_OUT=False,
                                    **_FLAGS)),
@@ -53,7 +51,7 @@ _HALF = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "add_ptr", 
          "dz_ptr", "y_ptr"}
 # Per-tile state buffers that are bf16 with bf16 inputs at tile_bf16 = 1, the GPU default.
 _TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}, "bwd_y": {"Htile_ptr", "Rtile_ptr"},
-              "adjoint": {"R_ptr"}, "adjoint_fix": {"R_ptr", "H_ptr"}}
+              "adjoint": {"R_ptr"}}
 
 
 def compile_sm90(name: str):

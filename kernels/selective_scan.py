@@ -358,7 +358,6 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     n_seg = triton.cdiv(n_tiles, tpp)
     rebuild = tiles.numel() == 0   # the forward kept no states (recompute_states=True)
     fixup = rebuild and bool(cfg.get("seg_fixup"))
-    hfix = rebuild and cfg.get("seg_fixup") == 2   # the fix-up inside the adjoint pass
     halves = 2 if rebuild else 1   # a rebuild keeps its per-segment states and dt sums in the second halves
     R = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
     SUF = torch.empty(halves * batch, n_tiles, dim, device=dev, dtype=torch.float32)
@@ -366,17 +365,17 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     if rebuild:
         tiles = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
         _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, tpp, tiles, S[batch:], SUF[batch:], BD,
-                           cfg, flags, fixup and not hfix)
+                           cfg, flags, fixup)
         dummy = tiles
     SDT, RST = _decay_buffers(batch, n_seg, dim, seq is not None, dev)
     K._adjoint_tile_kernel[(n_seg, batch, triton.cdiv(dim, BD))](
         u, delta, A_nd, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy,
-        R, SUF, S, SDT, RST, tiles, L, dim, nstate, dpg, n_tiles, tpp,
+        R, SUF, S, SDT, RST, L, dim, nstate, dpg, n_tiles, tpp,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Cg.stride(0), Cg.stride(1), Cg.stride(2),
         zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1), dout.stride(2), seq_stride,
         R.stride(0), R.stride(1), R.stride(2), SUF.stride(0), SUF.stride(1),
         S.stride(0), S.stride(1), S.stride(2), SDT.stride(0), SDT.stride(1), RST.stride(0),
-        BD=BD, BN=BN, T=T, HAS_Z=z is not None, HFIX=hfix, num_warps=cfg["warps"], **flags,
+        BD=BD, BN=BN, T=T, HAS_Z=z is not None, num_warps=cfg["warps"], **flags,
         **_reg_cap(cfg.get("maxnreg_adj", 0), dev))
     # Pass 2: the adjoint entering every segment from the right (written over S), and the
     # initial-state gradient.

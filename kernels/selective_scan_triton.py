@@ -542,13 +542,13 @@ def _adjoint_inputs(delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b,
 @triton.jit
 def _adjoint_tile_kernel(
     u_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, R_ptr, SUF_ptr, S_ptr, SDT_ptr, RST_ptr,
-    H_ptr, L, DIM, NSTATE, DIM_PER_GROUP, N_TILES, TILES_PER_PROG,
+    L, DIM, NSTATE, DIM_PER_GROUP, N_TILES, TILES_PER_PROG,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_do_b, s_do_d, s_do_l, s_seq_b,
     s_R_b, s_R_c, s_R_n, s_f_b, s_f_c,
     s_S_b, s_S_c, s_S_n, s_t_b, s_t_c, s_r_b,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
-    REVERSE: tl.constexpr, FAST: tl.constexpr, HFIX: tl.constexpr,
+    REVERSE: tl.constexpr, FAST: tl.constexpr,
 ):
     """Backward pass 1, one program per segment of TILES_PER_PROG tiles, walked against the scan
     (logically last tile first) from a zero adjoint at the segment's logical end. Per tile: R, the
@@ -593,15 +593,7 @@ def _adjoint_tile_kernel(
             delta_ptr, C_ptr, z_ptr, dout_ptr, db_ptr, seq_ptr, s_seq_b, pid_b, kt - 1, L,
             dl_base, s_dl_d, C_base, s_C_n, z_base, s_z_d, do_base, s_do_d, s_do_l,
             offs_d, mask_d, offs_n, mask_n, T, HAS_Z, HAS_DB, SOFTPLUS, HAS_SEQ, REVERSE, FAST)
-        r_off = pid_b * s_R_b + kt * s_R_c + offs_n[:, None] * s_R_n + offs_d[None, :]
-        tl.store(R_ptr + r_off, carry, mask=mnd)
-        if HFIX:
-            b2 = pid_b + tl.num_programs(1)
-            hs = tl.load(S_ptr + b2 * s_S_b + pid_t * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :], mask=mnd,
-                         other=0.0)
-            pre = tl.load(SUF_ptr + b2 * s_f_b + kt * s_f_c + offs_d, mask=mask_d, other=0.0)
-            h = tl.load(H_ptr + r_off, mask=mnd, other=0.0).to(tl.float32) + tl.exp2(A2t * pre[None, :]) * hs
-            tl.store(H_ptr + r_off, h.to(H_ptr.dtype.element_ty), mask=mnd)
+        tl.store(R_ptr + pid_b * s_R_b + kt * s_R_c + offs_n[:, None] * s_R_n + offs_d[None, :], carry, mask=mnd)
         suf_out = suf
         if HAS_SEQ:
             suf_out = tl.where(n_reset > 0, _NO_PATH, suf)
