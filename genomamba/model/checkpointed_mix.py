@@ -79,7 +79,7 @@ class _CheckpointedMix(torch.autograd.Function):
         grads.update((id(p), g) for p, g in zip(core, core_grads))
         outer = [p for p in (block.norm.weight, mixer.in_proj.weight) if p.requires_grad]
         inputs = ([r] if r.requires_grad else []) + outer
-        outer_grads = torch.autograd.grad(xz, inputs, dxz)
+        outer_grads = torch.autograd.grad(xz, inputs, dxz) if inputs else ()   # (all frozen: nothing)
         d_residual = outer_grads[0] if r.requires_grad else None
         grads.update((id(p), g) for p, g in zip(outer, outer_grads[len(inputs) - len(outer):]))
         param_grads = [grads.get(id(p)) if p.requires_grad else None for p in params]

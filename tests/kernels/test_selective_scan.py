@@ -269,7 +269,7 @@ def test_backward_segments_of_any_length(tpp, reverse, monkeypatch):
     compare(make(batch=2, dim=4, L=L), 1e-5, reverse=reverse, seq_idx=ids)
     compare(make(batch=1, dim=4, L=L), 1e-5, reverse=reverse)
     # the forward kept no tile states: the backward rebuilds them per segment as well
-    for fixup in (0, 1):
+    for fixup in (0, 1) if tpp == 3 else (1,):   # 1: the default
         monkeypatch.setenv("GENOMAMBA_SCAN_TILES", f"TPP={tpp},seg_fixup={fixup}")
         compare(make(batch=2, dim=4, L=L), 1e-5, reverse=reverse, seq_idx=ids, recompute_states=True)
 
