@@ -34,6 +34,8 @@ class BiMambaConfig:
     # None = under gradient_checkpointing, for the forward direction only (the reverse
     # direction's states are freed before the forward's are rebuilt: same peak, half the
     # rebuilds); True = both directions; False = neither (measured in BENCHMARKS.md).
+    # Checkpointed tied bidirectional layers on the Triton path (model/checkpointed_mix.py) run
+    # no scan forward in their backward, so both directions rebuild there whatever this says.
     recompute_scan_states: bool | None = None
     tie_lm_head: bool = True
     dt_min: float = 0.001
