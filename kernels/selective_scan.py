@@ -293,8 +293,10 @@ def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, per: int, H, 
     """What the backward's main kernel needs of the forward states when the forward kept none,
     rebuilt per segment of `per` tiles (_chunk_state_kernel with PER_TILE): fills H (batch, tiles,
     N, dim; in the dtype of kept tile states), the state entering each tile from its segment's
-    start, PRE (batch, tiles, dim), the sum of dt between, and Hseg (batch, segments, N, dim), the state entering each segment (state
-    passing over segments). The main kernel adds exp(A * PRE) * Hseg to H. The memory lives only
+    start, PRE (batch, tiles, dim), the sum of dt between, and Hseg (batch, segments, N, dim), the
+    state entering each segment (state passing over segments). With `fixup`, _segment_fixup_kernel
+    then adds exp(A * PRE) * Hseg to H, so H holds whole states; without, the main kernel adds it
+    (HSEG). The memory lives only
     during this backward. (Before segments, the passing over every tile cost most of the +14 ms
     this rebuild added to the 44 ms forward+backward of (1, 512, 2^20) on an H100.)"""
     batch, dim, L = u.shape
