@@ -30,7 +30,7 @@ KERNELS = {
                                        SAVE_TILES=False, HAS_ADD=True, **_FLAGS)),
     "fwd_train": ("_fwd_kernel", 4, dict(BD=128, BN=16, T=8, HAS_D=True, HAS_Z=True, HAS_HCHUNK=True,
                                          SAVE_TILES=True, HAS_ADD=False, **_FLAGS)),
-    "chunk": ("_chunk_state_kernel", 4, dict(BD=128, BN=16, T=8, PER_TILE=False, **_FLAGS)),
+    "chunk": ("_chunk_state_kernel", 4, dict(BD=128, BN=16, T=8, PER_TILE=False, H_IN=False, **_FLAGS)),
     "adjoint": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, **_FLAGS)),
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
                                    RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, HSEG=False, Y_OUT=False,

@@ -16,10 +16,20 @@ import os
 import torch
 import triton
 
+from typing import NamedTuple
+
 from . import selective_scan_triton as K
 from .reference import selective_scan_chunked
 
 BACKENDS = ("triton", "torch")
+
+
+class ChunkStates(NamedTuple):
+    """The forward's chunks and the state entering each: states (batch, chunks, N, dim) float32,
+    each chunk chunk_tiles tiles long. A few MiB per scan (a chunk is hundreds of tiles at batch 1);
+    from them the backward rebuilds its tile states in one pass (selective_scan_triton_bwd)."""
+    states: torch.Tensor
+    chunk_tiles: int
 
 
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
@@ -208,9 +218,12 @@ def _last_contig(x):
 
 def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                               initial_state=None, reverse=False, seq_idx=None, save_tile_states=False,
-                              chunk_tiles=None, out_add=None):
+                              chunk_tiles=None, out_add=None, keep_chunk_states=False):
     """Forward on Triton. Returns (out, last_state, tile_states or None, config); out_add (like u)
-    is added to out inside the output pass."""
+    is added to out inside the output pass. keep_chunk_states (without save_tile_states): the
+    third item is the ChunkStates instead, for a backward that rebuilds the tile states."""
+    if keep_chunk_states and save_tile_states:
+        raise ValueError("keep_chunk_states and save_tile_states exclude each other")
     u, delta, z, out_add = _last_contig(u), _last_contig(delta), _last_contig(z), _last_contig(out_add)
     Bg, Cg = _as_groups(B), _as_groups(C)
     batch, dim, L = u.shape
@@ -285,6 +298,14 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
         HAS_HCHUNK=(n_chunks > 1) or (h0 is not None), SAVE_TILES=bool(save_tile_states),
         HAS_ADD=out_add is not None, num_warps=cfg["warps"], **flags,
         **_reg_cap(cfg.get("maxnreg_fwdt" if save_tile_states else "maxnreg_fwd", 0), dev))
+    if keep_chunk_states:
+        if n_chunks > 1:
+            entering = Hc
+        elif h0 is not None:
+            entering = h0.transpose(1, 2).unsqueeze(1).contiguous()     # (batch, 1, N, dim)
+        else:
+            entering = torch.zeros(batch, 1, nstate, dim, device=dev, dtype=torch.float32)
+        return out, last, ChunkStates(entering, chunk_tiles), cfg
     return out, last, (tiles if save_tile_states else None), cfg
 
 
@@ -323,6 +344,24 @@ def _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, per: int, H, 
             BD=BD, BN=cfg["BN"], num_warps=cfg["warps"])
 
 
+def _tile_states_from_chunks(u, delta, A_nd, Bg, db, seq, chunks: ChunkStates, H, BD: int, cfg: dict,
+                             flags: dict) -> None:
+    """The backward's tile-entry states when the forward kept only its ChunkStates: every forward
+    chunk rescanned from the state entering it (_chunk_state_kernel with PER_TILE and H_IN),
+    writing each tile's entering state, whole, into H. One pass: no state passing, no fix-up."""
+    batch, dim, L = u.shape
+    S = chunks.states
+    n_tiles = H.shape[1]
+    K._chunk_state_kernel[(batch, triton.cdiv(dim, BD), S.shape[1])](
+        u, delta, A_nd, Bg, db if db is not None else H, seq if seq is not None else H, S, S, S, H, H,
+        L, dim, A_nd.shape[0], chunks.chunk_tiles, dim // Bg.shape[1], n_tiles,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
+        Bg.stride(0), Bg.stride(1), Bg.stride(2), seq.stride(0) if seq is not None else 0,
+        S.stride(0), S.stride(1), S.stride(2), 0, 0, 0, H.stride(0), H.stride(1), H.stride(2), 0, 0,
+        BD=BD, BN=cfg["BN"], T=cfg["T"], PER_TILE=True, H_IN=True, num_warps=cfg["warps"], **flags,
+        **_reg_cap(cfg.get("maxnreg_chunk", 0), u.device))
+
+
 def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               initial_state, reverse, seq_idx, tiles, cfg, nsplit=None, dz_out=None,
                               dz_accumulate=False, y_out=None):
@@ -331,7 +370,10 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     dz_out (like z, last dim contiguous): where dz is written (else a new tensor); with
     dz_accumulate the kernel adds dz to what dz_out holds (two scans gated by one z).
     y_out (like z, last dim contiguous; needs z): the forward's gated output is written there too
-    (added to what it holds with dz_accumulate), from the states the backward recomputes anyway."""
+    (added to what it holds with dz_accumulate), from the states the backward recomputes anyway.
+    tiles: the forward's kept tile states; or an empty tensor (the forward kept none: they are
+    rebuilt per segment); or the forward's ChunkStates (rebuilt from them in one pass)."""
+    from_chunks = isinstance(tiles, ChunkStates)
     u, delta, z = _last_contig(u), _last_contig(delta), _last_contig(z)  # dout: any strides
     Bg, Cg = _as_groups(B), _as_groups(C)
     batch, dim, L = u.shape
@@ -347,7 +389,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
     db = None if delta_bias is None else delta_bias.float().contiguous()
     Dv = None if D is None else D.float().contiguous()
-    dummy = tiles
+    dummy = tiles.states if from_chunks else tiles
     seq_stride = seq.stride(0) if seq is not None else 0
     flags = dict(HAS_DB=db is not None, SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq is not None,
                  REVERSE=bool(reverse), FAST=cfg["FAST"])
@@ -358,17 +400,21 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     # adjoint it hands on (S), its sum of dt and restarts.
     tpp = max(cfg["TPP"], triton.cdiv(n_tiles, 65535))
     n_seg = triton.cdiv(n_tiles, tpp)
-    rebuild = tiles.numel() == 0   # the forward kept no states (recompute_states=True)
-    fixup = rebuild and bool(cfg.get("seg_fixup"))
-    halves = 2 if rebuild else 1   # a rebuild keeps its per-segment states and dt sums in the second halves
+    rebuild = from_chunks or tiles.numel() == 0   # the forward kept no tile states
+    per_segment = rebuild and not from_chunks
+    fixup = per_segment and bool(cfg.get("seg_fixup"))
+    halves = 2 if per_segment else 1   # that rebuild keeps its per-segment states and dt sums in the second halves
     R = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
     SUF = torch.empty(halves * batch, n_tiles, dim, device=dev, dtype=torch.float32)
     S = torch.empty(halves * batch, n_seg, nstate, dim, device=dev, dtype=torch.float32)
     if rebuild:
-        tiles = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
-        _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, tpp, tiles, S[batch:], SUF[batch:], BD,
-                           cfg, flags, fixup)
-        dummy = tiles
+        H = torch.empty(batch, n_tiles, nstate, dim, device=dev, dtype=_tile_dtype(cfg, u))
+        if from_chunks:
+            _tile_states_from_chunks(u, delta, A_nd, Bg, db, seq, tiles, H, BD, cfg, flags)
+        else:
+            _tile_entry_states(u, delta, A_nd, Bg, db, seq, initial_state, tpp, H, S[batch:], SUF[batch:], BD,
+                               cfg, flags, fixup)
+        tiles = dummy = H
     SDT, RST = _decay_buffers(batch, n_seg, dim, seq is not None, dev)
     K._adjoint_tile_kernel[(n_seg, batch, triton.cdiv(dim, BD))](
         u, delta, A_nd, Cg, zz, dout, db if db is not None else dummy, seq if seq is not None else dummy,
@@ -442,7 +488,7 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         *((y_out.stride(0), y_out.stride(1)) if y_out is not None else (0, 0)),
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")), DZ_ACC=bool(dz_accumulate),
-        PART_ROWS=part_rows, HSEG=rebuild and not fixup, Y_OUT=y_out is not None, num_warps=cfg["warps_bwd"], **flags,
+        PART_ROWS=part_rows, HSEG=per_segment and not fixup, Y_OUT=y_out is not None, num_warps=cfg["warps_bwd"], **flags,
         **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     if part_rows:
         sums = parts_buf.sum(0)

@@ -271,7 +271,7 @@ def _chunk_state_kernel(
     s_H_b, s_H_c, s_H_n, s_p_b, s_p_c,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
-    FAST: tl.constexpr, PER_TILE: tl.constexpr,
+    FAST: tl.constexpr, PER_TILE: tl.constexpr, H_IN: tl.constexpr = False,
 ):
     """Forward pass 1: each chunk's end state from a zero start (S), the sum of dt over the chunk
     (SDT) and whether the sequence restarts inside it (RST). The chunk's total decay is
@@ -282,6 +282,10 @@ def _chunk_state_kernel(
     segment's start, and PRE, the sum of dt over the segment's tiles before it (_NO_PATH after a
     restart). H has N_ROWS rows. The passing kernel then gives the state entering every segment,
     and the backward's main kernel adds it, decayed by exp(A * PRE).
+
+    H_IN (with PER_TILE; the backward's rebuild from the forward's chunk states): each chunk starts
+    from the state entering it, read from S (the forward's chunks and their entering states), so H
+    gets whole states; nothing else is written.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -293,7 +297,11 @@ def _chunk_state_kernel(
     mnd = mask_n[:, None] & mask_d[None, :]
     g = (pid_d * BD // DIM_PER_GROUP).to(tl.int64)
     A2t = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mnd, other=0.0) * 1.4426950408889634
-    h = tl.zeros((BN, BD), dtype=tl.float32)
+    off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
+    if H_IN:
+        h = tl.load(S_ptr + off, mask=mnd, other=0.0)
+    else:
+        h = tl.zeros((BN, BD), dtype=tl.float32)
     sdt = tl.zeros((BD,), dtype=tl.float32)
     n_reset = 0
     end = _end_index(T, REVERSE)
@@ -316,21 +324,22 @@ def _chunk_state_kernel(
             past = (kt + offs_d * 0) >= N_ROWS
             tl.store(H_ptr + pid_b * s_H_b + kt * s_H_c + offs_n[:, None] * s_H_n + offs_d[None, :], h,
                      mask=mnd & ~past[None, :])
-            pre = sdt
-            if HAS_SEQ:
-                pre = tl.where(n_reset > 0, _NO_PATH, sdt)
-            tl.store(PRE_ptr + pid_b * s_p_b + kt * s_p_c + offs_d, pre, mask=mask_d & ~past)
+            if not H_IN:
+                pre = sdt
+                if HAS_SEQ:
+                    pre = tl.where(n_reset > 0, _NO_PATH, sdt)
+                tl.store(PRE_ptr + pid_b * s_p_b + kt * s_p_c + offs_d, pre, mask=mask_d & ~past)
         a = _decay(dt, A2t, reset, FAST, HAS_SEQ)
         b = (dt * u)[:, None, :] * Bt[:, :, None]
         h = _pick(_scan_tnd(a, b, h, T, REVERSE), end, T)
         sdt += tl.sum(dt, axis=0)
         if HAS_SEQ:
             n_reset += tl.sum(reset.to(tl.int32), axis=0)
-    off = pid_b * s_S_b + pid_c * s_S_c + offs_n[:, None] * s_S_n + offs_d[None, :]
-    tl.store(S_ptr + off, h, mask=mnd)
-    tl.store(SDT_ptr + pid_b * s_t_b + pid_c * s_t_c + offs_d, sdt, mask=mask_d)
-    if HAS_SEQ:
-        tl.store(RST_ptr + pid_b * s_r_b + pid_c, n_reset)
+    if not H_IN:
+        tl.store(S_ptr + off, h, mask=mnd)
+        tl.store(SDT_ptr + pid_b * s_t_b + pid_c * s_t_c + offs_d, sdt, mask=mask_d)
+        if HAS_SEQ:
+            tl.store(RST_ptr + pid_b * s_r_b + pid_c, n_reset)
 
 
 @triton.jit

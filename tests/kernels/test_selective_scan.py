@@ -365,6 +365,34 @@ def test_backward_writes_the_gated_output(reverse, packed, rebuild):
         run(y_out=buf[:, :8, :40])
 
 
+@pytest.mark.parametrize("reverse,packed,h0,chunk_tiles", [(False, True, True, 3), (True, False, False, 2),
+                                                          (False, False, True, None), (True, True, False, None)])
+def test_backward_rebuilds_tile_states_from_the_forward_chunk_states(reverse, packed, h0, chunk_tiles):
+    """selective_scan_triton_fwd(keep_chunk_states=True) keeps only the state entering each forward
+    chunk; the backward given those rebuilds every tile's state in one pass and returns the
+    gradients of the kept-states backward. Several chunks (chunk_tiles 2 / 3, the last one short)
+    and one chunk (the default on CPU here: from the initial state or from zeros)."""
+    from genomamba_kernels.selective_scan import (ChunkStates, _tile_config, selective_scan_triton_bwd,
+                                                  selective_scan_triton_fwd)
+
+    t = make(batch=2, dim=8, L=61, h0=h0)
+    seq = packed_seq_idx(2, 61) if packed else None
+    args = [t[k] for k in NAMES[:8]]
+    kw = dict(delta_softplus=True, reverse=reverse, seq_idx=seq, initial_state=t.get("initial_state"), chunk_tiles=chunk_tiles)
+    out, last, tiles, cfg = selective_scan_triton_fwd(*args, save_tile_states=True, **kw)
+    out2, last2, chunks, _ = selective_scan_triton_fwd(*args, keep_chunk_states=True, **kw)
+    assert isinstance(chunks, ChunkStates) and torch.equal(out2, out) and torch.equal(last2, last)
+    assert chunks.states.shape[1] == (-(-8 // chunk_tiles) if chunk_tiles else 1)   # 61 steps: 8 tiles
+    dout, dlast = torch.randn_like(out), torch.randn_like(last)
+    run = lambda kept: selective_scan_triton_bwd(dout, dlast, *args, True, t.get("initial_state"), reverse, seq, kept,  # noqa: E731
+                                                 _tile_config(4, out.device))
+    for a, b in zip(run(chunks), run(tiles)):
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exclude each other"):
+        selective_scan_triton_fwd(*args, save_tile_states=True, keep_chunk_states=True)
+
+
 def test_inference_launches_kernels_without_the_custom_op(tmp_path):
     """Under no_grad the scan and the conv skip the torch.library custom ops (whose first call
     imports torch._dynamo: seconds per process) and give the same outputs as the op path."""
