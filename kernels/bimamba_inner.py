@@ -63,10 +63,12 @@ def _decays(A_log: torch.Tensor) -> torch.Tensor:
     return A.neg_()
 
 
-def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_backward, scan=True):
+def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_backward, scan=True,
+                       keep_chunks=False):
     """One direction after its conv: x_proj, dt_proj, the scan (adding y_add inside it). Returns y
     and, when for_backward, what the backward needs (its locals are freed on return otherwise).
-    scan=False: only what the backward needs (y is None, no tile states kept)."""
+    scan=False: only what the backward needs (y is None, no tile states kept). keep_chunks
+    (without for_backward): y and [the scan's ChunkStates]."""
     cw, cb, wx, wdt, bdt, A_log, D = params
     nstate, rank = A_log.shape[1], wdt.shape[1]
     wx, wdt = wx.to(xc.dtype), wdt.to(xc.dtype)                       # cast once, kept for the backward
@@ -78,18 +80,19 @@ def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_b
     if scan:
         y, _, tiles, _ = selective_scan_triton_fwd(
             xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
-            save_tile_states=save_tiles, out_add=y_add)
+            save_tile_states=save_tiles, out_add=y_add, keep_chunk_states=keep_chunks)
     else:
         y = None
     if not for_backward:
-        return y, []
+        return y, ([tiles] if keep_chunks else [])
     return y, [xc, xdbl, dt, tiles if tiles is not None else xc.new_empty(0, dtype=torch.float32), A, wx, wdt]
 
 
-def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backward, scan=True):
+def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backward, scan=True, keep_chunks=False):
     """Both directions' forward: y, and per direction what the backward needs (conv output,
     x_proj output, dt, per-tile states or an empty tensor, A, the x_proj and dt_proj weights in
-    the activations' dtype) when for_backward. scan=False: the latter only, no scan run."""
+    the activations' dtype) when for_backward. scan=False: the latter only, no scan run.
+    keep_chunks (inference): y and each direction's scan ChunkStates."""
     d = xz.shape[1] // 2
     xi, z = xz[:, :d], xz[:, d:]
     fwd_p, rev_p = params[:N_DIRECTION_PARAMS], params[N_DIRECTION_PARAMS:]
@@ -100,7 +103,7 @@ def _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, for_backwa
     for i, (reverse, recompute) in enumerate(((False, recompute_fwd), (True, recompute_rev))):
         xc, convs[i] = convs[i], None
         y, kept = _direction_forward(xc, z, seq_idx, params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS],
-                                     reverse, for_backward and not recompute, y, for_backward, scan)
+                                     reverse, for_backward and not recompute, y, for_backward, scan, keep_chunks)
         del xc
         saved += kept
     return y, saved
@@ -174,13 +177,24 @@ class _BiMambaInner(torch.autograd.Function):
         return (dxz, None, None, None, *grads)
 
 
+def bimamba_inner_forward_keeping_chunks(xz: torch.Tensor, fwd_params, rev_params,
+                                         seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+    """bimamba_inner's forward without autograd that also returns both scans' ChunkStates (the
+    state entering each forward chunk, a few MiB), for bimamba_inner_backward_rebuilt."""
+    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    with torch.no_grad():
+        return _inner_forward(xz, seq, False, False, (*fwd_params, *rev_params), False, keep_chunks=True)
+
+
 def bimamba_inner_backward_rebuilt(xz: torch.Tensor, fwd_params, rev_params, seq_idx: torch.Tensor | None,
-                                   dy: torch.Tensor, y_sink) -> tuple[torch.Tensor, list]:
+                                   dy: torch.Tensor, y_sink, chunk_states=None) -> tuple[torch.Tensor, list]:
     """bimamba_inner's backward when its forward kept nothing (a checkpointed layer's backward):
     recomputes both convs, x_proj and dt_proj from xz, but not the scans' forward. Both scans'
-    backward rebuild their tile states, and also write the summed gated output y, which the
-    caller needs for out_proj's weight gradient: y_sink(y) is called with it (a view valid only
-    during the call). Returns (dxz, the 14 parameter gradients in fwd_params + rev_params order).
+    backward rebuild their tile states (in one pass from chunk_states, the two directions'
+    ChunkStates from bimamba_inner_forward_keeping_chunks; else per segment), and also write the
+    summed gated output y, which the caller needs for out_proj's weight gradient: y_sink(y) is
+    called with it (a view valid only during the call). Returns (dxz, the 14 parameter gradients
+    in fwd_params + rev_params order).
 
     Why: in a checkpointed layer the forward is run twice, once to get the layer's output and
     again in the backward to recompute what the gradients need. The second scan forward per
@@ -190,6 +204,8 @@ def bimamba_inner_backward_rebuilt(xz: torch.Tensor, fwd_params, rev_params, seq
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     params = (*fwd_params, *rev_params)
     _, saved = _inner_forward(xz, seq, True, True, params, True, scan=False)
+    for i, chunks in enumerate(chunk_states or ()):
+        saved[_SAVED * i + 3] = chunks               # in place of the empty tile-state tensor
     return _inner_backward(xz, seq, saved, params, dy, y_sink)
 
 

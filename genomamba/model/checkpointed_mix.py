@@ -5,7 +5,9 @@ more with them, to rebuild what the backward reads. For a tied bidirectional lay
 kernels most of that second forward is the two scans (a chunk-state pass and an output pass each),
 and all it is needed for is their output y: out_proj's weight gradient reads it. The scans'
 backward recomputes the states that give y anyway, so here it writes y out
-(`bimamba_inner_backward_rebuilt`), and the second forward stops at in_proj.
+(`bimamba_inner_backward_rebuilt`), and the second forward stops at in_proj and the scans'
+inputs. The first forward keeps the state entering each of its scans' chunks (ChunkStates, a few
+MiB per layer), from which the backward rebuilds the per-tile states in one pass.
 
 `checkpointed_mix(block, residual, seq_idx)` equals `checkpoint(block.mix, residual, seq_idx)` in
 value and gradient up to rounding: its forward is the inference path (torch.utils.checkpoint runs
@@ -22,6 +24,7 @@ import os
 import torch
 import torch.nn as nn
 from genomamba_kernels.bimamba_inner import bimamba_inner_backward_rebuilt, weight_grad
+from genomamba_kernels.selective_scan import ChunkStates
 
 from .mixer import BiMambaMixer, _InProjection, _joint_wanted, project_channels_first
 
@@ -43,19 +46,25 @@ def rebuild_checkpoint_applies(block, residual: torch.Tensor, chunk_len: int | N
 
 
 class _CheckpointedMix(torch.autograd.Function):
-    """block.mix(residual) keeping only the residual; the backward recomputes up to in_proj."""
+    """block.mix(residual) keeping the residual and the scans' chunk states (a few MiB); the
+    backward recomputes up to in_proj and the scans' inputs, not their forward."""
 
     @staticmethod
     def forward(ctx, block, residual, seq_idx, *params):
         dev = residual.device.type
         ctx.block, ctx.seq_idx = block, seq_idx
         ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.save_for_backward(residual)
-        return block.mix(residual, seq_idx)        # runs without gradients: the inference path
+        # block.mix without gradients (the inference path), keeping the scans' chunk states: the
+        # backward rebuilds their tile states from them in one pass
+        out, chunks = _mixer_of(block).forward_keeping_chunks(block.add_norm(residual, None)[0], seq_idx)
+        ctx.chunk_tiles = [c.chunk_tiles for c in chunks]
+        ctx.save_for_backward(residual, *(c.states for c in chunks))
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        (residual,) = ctx.saved_tensors
+        residual, *states = ctx.saved_tensors
+        chunks = [ChunkStates(s, n) for s, n in zip(states, ctx.chunk_tiles)]
         block, seq_idx = ctx.block, ctx.seq_idx
         mixer = _mixer_of(block)
         params = list(block.parameters())
@@ -73,7 +82,8 @@ class _CheckpointedMix(torch.autograd.Function):
             grads[id(w_out)] = weight_grad(dout_cf, y.transpose(1, 2)).to(w_out.dtype)
 
         dxz, core_grads = bimamba_inner_backward_rebuilt(
-            xz.detach(), mixer.fwd.inner_params(), mixer.rev.inner_params(), seq_idx, dy, out_proj_weight_grad)
+            xz.detach(), mixer.fwd.inner_params(), mixer.rev.inner_params(), seq_idx, dy, out_proj_weight_grad,
+            chunks)
         del dy
         core = (*mixer.fwd.inner_params(), *mixer.rev.inner_params())
         grads.update((id(p), g) for p, g in zip(core, core_grads))

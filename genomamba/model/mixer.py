@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from genomamba_kernels import bimamba_inner, causal_conv1d, selective_scan
-from genomamba_kernels.bimamba_inner import weight_grad
+from genomamba_kernels.bimamba_inner import bimamba_inner_forward_keeping_chunks, weight_grad
 from genomamba_kernels.selective_scan import resolve_backend
 
 
@@ -167,6 +167,15 @@ class BiMambaMixer(nn.Module):
             return project_channels_last(y, self.out_proj.weight) + project_channels_last(yr, self.out_proj_rev.weight)
         y = self.rev(xi, z, seq_idx=seq_idx, reverse=True, out_add=y)  # the directions' sum, in the scan
         return project_channels_last(y, self.out_proj.weight)
+
+    def forward_keeping_chunks(self, x, seq_idx=None):
+        """forward() of a tied bidirectional mixer on the Triton path, without autograd, also
+        returning both scans' ChunkStates (what a checkpointed layer keeps for its backward)."""
+        with torch.no_grad():
+            xz = _InProjection.apply(x, self.in_proj.weight)
+            y, chunks = bimamba_inner_forward_keeping_chunks(xz, self.fwd.inner_params(), self.rev.inner_params(),
+                                                             seq_idx)
+            return project_channels_last(y, self.out_proj.weight), chunks
 
     def forward_chunked(self, x, chunk_len: int, seq_idx=None):
         """Same result as forward() with activations for only `chunk_len` positions at a time.
