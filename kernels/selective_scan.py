@@ -88,10 +88,11 @@ def _tile_config(nstate: int, device: torch.device) -> dict:
     # (_tile_dtype). The interpreter's default stays 0 (tests select the levels explicitly).
     # TPP: tiles per program of the backward's adjoint pass, which is also the segment the state
     # passing walks in the backward (see _adjoint_tile_kernel).
-    # seg_fixup = 1: tile states the backward rebuilds get their segment's entering state from a
-    # kernel of their own (_segment_fixup_kernel) rather than in the main kernel (HSEG): the
-    # (1, 512, 2^20) backward from rebuilt states 28.0 -> 27.5 ms (29.0 -> 28.0 ms writing y
-    # too), checkpointed 1 Mb training step 1,685 -> 1,632 ms (H100, sixteenth session).
+    # seg_fixup = 1: tile states the backward rebuilds per segment get their segment's entering
+    # state from a kernel of their own (_segment_fixup_kernel) rather than in the main kernel
+    # (HSEG): the (1, 512, 2^20) backward from rebuilt states 28.0 -> 27.5 ms (29.0 -> 28.0 ms
+    # writing y too), checkpointed 1 Mb training step 1,685 -> 1,632 ms (H100, sixteenth session;
+    # since then checkpointed layers rebuild from the forward's ChunkStates instead, 1,582 ms).
     cfg = dict(T=8, BD=128, BD_BWD=8, BC=32, BD_PASS=32, BN=bn, warps=4, warps_bwd=1, warps_pass=0,
                maxnreg_bwd=0, TPP=16, FAST=True, lane_rs=1, reload_bc=1, maxnreg_fwd=0, maxnreg_fwdt=0,
                maxnreg_chunk=128, maxnreg_adj=0, part_rows=64, tile_bf16=1, seg_fixup=1)

@@ -29,9 +29,11 @@ Passes (DESIGN.md section 4 says why):
   registers and stored once: each block's contributions are folded across the 8 channel lanes by
   a reduce-scatter (warp shuffles; one time step per lane), so the accumulators take 4 registers
   per thread instead of 32 and the loop does not spill. When the forward kept no tile states
-  (checkpointing), `_chunk_state_kernel` rebuilds them per segment, the passing gives each
-  segment's entering state and `_segment_fixup_kernel` adds it in; `_bwd_kernel` can then also
-  write the forward's output (Y_OUT), so a checkpointed layer need not rerun the scan's forward.
+  (checkpointing), `_chunk_state_kernel` rebuilds them: from the forward's chunk states, each
+  chunk rescanned from the state entering it (H_IN); without those, per segment from zero, then
+  the passing gives each segment's entering state and `_segment_fixup_kernel` adds it in.
+  `_bwd_kernel` can then also write the forward's output (Y_OUT), so a checkpointed layer need
+  not rerun the scan's forward.
 * reverse=True visits physical tiles from the end of the sequence and scans each right to left:
   loads stay in increasing address order and nothing is flipped in memory.
 * seq_idx resets the state (a_t = 0) where the sequence id changes. All offsets are 64-bit.
