@@ -165,7 +165,6 @@ class _BiMambaInner(torch.autograd.Function):
     def forward(ctx, xz, seq_idx, recompute_fwd, recompute_rev, *params):
         y, saved = _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, True)
         ctx.save_for_backward(xz, seq_idx, *saved, *params)
-        ctx.d = xz.shape[1] // 2
         return y
 
     @staticmethod

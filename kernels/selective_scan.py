@@ -489,7 +489,8 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         *((y_out.stride(0), y_out.stride(1)) if y_out is not None else (0, 0)),
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")), DZ_ACC=bool(dz_accumulate),
-        PART_ROWS=part_rows, HSEG=per_segment and not fixup, Y_OUT=y_out is not None, num_warps=cfg["warps_bwd"], **flags,
+        PART_ROWS=part_rows, HSEG=per_segment and not fixup, Y_OUT=y_out is not None, num_warps=cfg["warps_bwd"],
+        **flags,
         **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     if part_rows:
         sums = parts_buf.sum(0)

@@ -12,8 +12,9 @@ MiB per layer), from which the backward rebuilds the per-tile states in one pass
 `checkpointed_mix(block, residual, seq_idx)` equals `checkpoint(block.mix, residual, seq_idx)` in
 value and gradient up to rounding: its forward is the inference path (torch.utils.checkpoint runs
 the training one and drops what it keeps), and out_proj's weight gradient reads y as the scans'
-backward recomputes it (from per-tile states stored in bf16 with bf16 inputs, as dz is). Layers it does not cover (RC-equivariant, untied or one-directional mixers, the PyTorch path,
-chunked mixing, torch.compile) keep torch.utils.checkpoint (`rebuild_checkpoint_applies`).
+backward recomputes it (from per-tile states stored in bf16 with bf16 inputs, as dz is). Layers
+it does not cover (RC-equivariant, untied or one-directional mixers, the PyTorch path, chunked
+mixing, torch.compile) keep torch.utils.checkpoint (`rebuild_checkpoint_applies`).
 GENOMAMBA_CHECKPOINT=torch keeps it for every layer (A/B runs, tests).
 """
 

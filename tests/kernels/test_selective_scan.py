@@ -378,13 +378,14 @@ def test_backward_rebuilds_tile_states_from_the_forward_chunk_states(reverse, pa
     t = make(batch=2, dim=8, L=61, h0=h0)
     seq = packed_seq_idx(2, 61) if packed else None
     args = [t[k] for k in NAMES[:8]]
-    kw = dict(delta_softplus=True, reverse=reverse, seq_idx=seq, initial_state=t.get("initial_state"), chunk_tiles=chunk_tiles)
+    init = t["initial_state"]
+    kw = dict(delta_softplus=True, reverse=reverse, seq_idx=seq, initial_state=init, chunk_tiles=chunk_tiles)
     out, last, tiles, cfg = selective_scan_triton_fwd(*args, save_tile_states=True, **kw)
     out2, last2, chunks, _ = selective_scan_triton_fwd(*args, keep_chunk_states=True, **kw)
     assert isinstance(chunks, ChunkStates) and torch.equal(out2, out) and torch.equal(last2, last)
     assert chunks.states.shape[1] == (-(-8 // chunk_tiles) if chunk_tiles else 1)   # 61 steps: 8 tiles
     dout, dlast = torch.randn_like(out), torch.randn_like(last)
-    run = lambda kept: selective_scan_triton_bwd(dout, dlast, *args, True, t.get("initial_state"), reverse, seq, kept,  # noqa: E731
+    run = lambda kept: selective_scan_triton_bwd(dout, dlast, *args, True, init, reverse, seq, kept,  # noqa: E731
                                                  _tile_config(4, out.device))
     for a, b in zip(run(chunks), run(tiles)):
         if a is not None:
