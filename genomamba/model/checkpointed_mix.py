@@ -82,11 +82,11 @@ class _CheckpointedMix(torch.autograd.Function):
         def out_proj_weight_grad(y):
             grads[id(w_out)] = weight_grad(dout_cf, y.transpose(1, 2)).to(w_out.dtype)
 
+        fwd_params, rev_params = mixer.fwd.inner_params(), mixer.rev.inner_params()
         dxz, core_grads = bimamba_inner_backward_rebuilt(
-            xz.detach(), mixer.fwd.inner_params(), mixer.rev.inner_params(), seq_idx, dy, out_proj_weight_grad,
-            chunks)
+            xz.detach(), fwd_params, rev_params, seq_idx, dy, out_proj_weight_grad, chunks)
         del dy
-        core = (*mixer.fwd.inner_params(), *mixer.rev.inner_params())
+        core = (*fwd_params, *rev_params)
         grads.update((id(p), g) for p, g in zip(core, core_grads))
         outer = [p for p in (block.norm.weight, mixer.in_proj.weight) if p.requires_grad]
         inputs = ([r] if r.requires_grad else []) + outer
