@@ -93,6 +93,49 @@ def _block_rows(n: int) -> tuple[int, int, int]:
     return bm, bn, 4 if bn * bm >= 1024 else 1
 
 
+def add_rms_norm_forward(x, residual, weight, eps: float, out_dtype, residual_dtype):
+    """The Triton forward outside autograd: (y, r, rstd), all (rows, d) / (rows,). With nothing to
+    add (residual None, x already in residual_dtype) r is x itself, as rows."""
+    x2 = _rows(x)
+    res2 = _rows(residual) if residual is not None else None
+    M, N = x2.shape
+    norm_only = residual is None and x.dtype == residual_dtype
+    y = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    r = x2 if norm_only else torch.empty(M, N, device=x.device, dtype=residual_dtype)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    bm, bn, warps = _block_rows(N)
+    _add_rms_norm_fwd_kernel[(triton.cdiv(M, bm),)](
+        x2, res2 if res2 is not None else x2, weight, y, r, rstd, M, N, eps,
+        x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), r.stride(0),
+        BM=bm, BN=bn, HAS_RES=res2 is not None, WRITE_R=not norm_only, num_warps=warps)
+    return y, r, rstd
+
+
+def add_rms_norm_backward(dy, dr_out, r, weight, rstd, x_dtype, residual_dtype):
+    """The Triton backward outside autograd, from add_rms_norm_forward's r and rstd: (dx, dres,
+    dw). dr_out (may be None): the gradient reaching the residual output from elsewhere (the next
+    block's add), added here rather than by a separate kernel. dx, in x_dtype, is the gradient of
+    the sum; dres is the same values in residual_dtype, or None when there was no residual input
+    (residual_dtype None)."""
+    dy2 = _rows(dy)
+    dro = _rows(dr_out) if dr_out is not None else None
+    M, N = r.shape
+    bm, bn, warps = _block_rows(N)
+    progs = min(triton.cdiv(M, bm), 4 * torch.cuda.get_device_properties(r.device).multi_processor_count
+                if r.is_cuda else 4)
+    rows_per_prog = triton.cdiv(triton.cdiv(M, progs), bm) * bm
+    progs = triton.cdiv(M, rows_per_prog)
+    dx = torch.empty(M, N, device=r.device, dtype=x_dtype)
+    has_res = residual_dtype is not None
+    dres = torch.empty(M, N, device=r.device, dtype=residual_dtype) if has_res else dx
+    dw = torch.empty(progs, N, device=r.device, dtype=torch.float32)
+    _add_rms_norm_bwd_kernel[(progs,)](
+        dy2, dro if dro is not None else dy2, r, weight, rstd, dx, dres, dw, M, N, rows_per_prog,
+        dy2.stride(0), dro.stride(0) if dro is not None else 0, r.stride(0), dx.stride(0), dres.stride(0),
+        BM=bm, BN=bn, HAS_DRO=dro is not None, HAS_RES=has_res, num_warps=warps)
+    return dx, (dres if has_res else None), dw.sum(0).to(weight.dtype)
+
+
 class _AddRMSNorm(torch.autograd.Function):
     """Returns (y, r), or y alone when there is nothing to add (residual None, x already in the
     residual dtype): then r would be a copy of x, and x itself is saved for the backward."""
@@ -100,18 +143,8 @@ class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, out_dtype, residual_dtype):
         shape = x.shape
-        x2 = _rows(x)
-        res2 = _rows(residual) if residual is not None else None
-        M, N = x2.shape
+        y, r, rstd = add_rms_norm_forward(x, residual, weight, eps, out_dtype, residual_dtype)
         norm_only = residual is None and x.dtype == residual_dtype
-        y = torch.empty(M, N, device=x.device, dtype=out_dtype)
-        r = x2 if norm_only else torch.empty(M, N, device=x.device, dtype=residual_dtype)
-        rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-        bm, bn, warps = _block_rows(N)
-        _add_rms_norm_fwd_kernel[(triton.cdiv(M, bm),)](
-            x2, res2 if res2 is not None else x2, weight, y, r, rstd, M, N, eps,
-            x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), r.stride(0),
-            BM=bm, BN=bn, HAS_RES=res2 is not None, WRITE_R=not norm_only, num_warps=warps)
         ctx.save_for_backward(r, weight, rstd)
         ctx.set_materialize_grads(False)  # an unused residual output (the final norm's) gets no zero gradient
         ctx.x_dtype, ctx.res_dtype = x.dtype, (residual.dtype if residual is not None else None)
@@ -124,24 +157,8 @@ class _AddRMSNorm(torch.autograd.Function):
             return dr_out.to(ctx.x_dtype), (dr_out.to(ctx.res_dtype) if ctx.res_dtype is not None else None), \
                 None, None, None, None
         shape = dy.shape
-        dy2 = _rows(dy)
-        dro = _rows(dr_out) if dr_out is not None else None
-        M, N = r.shape
-        bm, bn, warps = _block_rows(N)
-        progs = min(triton.cdiv(M, bm), 4 * torch.cuda.get_device_properties(r.device).multi_processor_count
-                    if r.is_cuda else 4)
-        rows_per_prog = triton.cdiv(triton.cdiv(M, progs), bm) * bm
-        progs = triton.cdiv(M, rows_per_prog)
-        dx = torch.empty(M, N, device=r.device, dtype=ctx.x_dtype)
-        has_res = ctx.res_dtype is not None
-        dres = torch.empty(M, N, device=r.device, dtype=ctx.res_dtype) if has_res else dx
-        dw = torch.empty(progs, N, device=r.device, dtype=torch.float32)
-        _add_rms_norm_bwd_kernel[(progs,)](
-            dy2, dro if dro is not None else dy2, r, weight, rstd, dx, dres, dw, M, N, rows_per_prog,
-            dy2.stride(0), dro.stride(0) if dro is not None else 0, r.stride(0), dx.stride(0), dres.stride(0),
-            BM=bm, BN=bn, HAS_DRO=dro is not None, HAS_RES=has_res, num_warps=warps)
-        return (dx.view(shape), dres.view(shape) if has_res else None, dw.sum(0).to(weight.dtype),
-                None, None, None)
+        dx, dres, dw = add_rms_norm_backward(dy, dr_out, r, weight, rstd, ctx.x_dtype, ctx.res_dtype)
+        return dx.view(shape), (dres.view(shape) if dres is not None else None), dw, None, None, None
 
 
 def add_rms_norm(x, residual, weight, eps: float, *, out_dtype=None, residual_dtype=None, backend=None):

@@ -7,7 +7,7 @@ import torch.nn as nn
 from genomamba_kernels import add_rms_norm
 from torch.utils.checkpoint import checkpoint
 
-from .checkpointed_mix import checkpointed_mix, rebuild_checkpoint_applies
+from .checkpointed_mix import checkpointed_layer, rebuild_checkpoint_applies, rms_norm_eps
 from .config import BiMambaConfig
 from .mixer import BiMambaMixer
 from .rcps import RCPSEmbedding, RCPSNorm, RCPSWrapper, rcps_strand_average
@@ -73,8 +73,8 @@ def add_norm(norm: nn.Module, hidden, residual, residual_in_fp32: bool, autocast
     out_dtype = torch.get_autocast_dtype(device_type) \
         if autocast_out and torch.is_autocast_enabled(device_type) else res_dtype
     if isinstance(norm, nn.RMSNorm):
-        eps = norm.eps if norm.eps is not None else torch.finfo(res_dtype).eps
-        return add_rms_norm(hidden, residual, norm.weight, eps, out_dtype=out_dtype, residual_dtype=res_dtype)
+        return add_rms_norm(hidden, residual, norm.weight, rms_norm_eps(norm, res_dtype), out_dtype=out_dtype,
+                            residual_dtype=res_dtype)
     residual = (hidden if residual is None else hidden + residual).to(res_dtype)  # RCPS: norm per strand half
     return norm(residual).to(out_dtype), residual
 
@@ -110,13 +110,13 @@ class BiMambaModel(nn.Module):
         fp32 = self.config.residual_in_fp32
         for layer in self.layers:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # The checkpoint keeps one tensor per layer, the summed residual stream (the add
-                # outside it saves nothing for its backward): 4 bytes per position and channel.
-                residual = (hidden if residual is None else hidden + residual).to(
-                    torch.float32 if fp32 else hidden.dtype)
-                if rebuild_checkpoint_applies(layer, residual, chunk_len):
-                    hidden = checkpointed_mix(layer, residual, seq_idx)   # no second scan forward
-                else:
+                # The checkpoint keeps one tensor per layer, the summed residual stream: 4 bytes
+                # per position and channel.
+                if rebuild_checkpoint_applies(layer, hidden, chunk_len):   # no second scan forward
+                    hidden, residual = checkpointed_layer(layer, hidden, residual, seq_idx)
+                else:   # the add outside the checkpoint saves nothing for its backward
+                    residual = (hidden if residual is None else hidden + residual).to(
+                        torch.float32 if fp32 else hidden.dtype)
                     hidden = checkpoint(layer.mix, residual, seq_idx, chunk_len, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual, seq_idx, chunk_len)

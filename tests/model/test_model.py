@@ -292,12 +292,15 @@ def test_joint_mixer_backward_equals_separate_nodes(monkeypatch, ckpt):
     assert g_mod["layers.0.mixer.mixer.rev.A_log"].abs().max() > 0  # the comparison is not of zeros
 
 
-def test_checkpointed_layers_skip_the_second_scan_forward(monkeypatch):
-    """Triton path (interpreter), checkpointing: each tied bidirectional layer is one checkpointed
-    node whose backward runs no scan forward (y comes from the scans' backward), with the outputs
-    and every gradient of the model without checkpointing, with padding; GENOMAMBA_CHECKPOINT=torch
-    falls back to torch.utils.checkpoint. The embedding and the first layer's norm and in_proj are
-    frozen, so that layer's node has neither an input nor an outer parameter to differentiate."""
+@pytest.mark.parametrize("frozen_start", [True, False])
+def test_checkpointed_layers_skip_the_second_scan_forward(monkeypatch, frozen_start):
+    """Triton path (interpreter), checkpointing: each tied bidirectional layer, its residual add
+    included, is one checkpointed node whose backward runs no scan forward (y comes from the
+    scans' backward), with the outputs and every gradient of the model without checkpointing, with
+    padding; GENOMAMBA_CHECKPOINT=torch falls back to torch.utils.checkpoint. frozen_start: the
+    embedding and the first layer's norm and in_proj are frozen, so that layer's node has neither
+    an input nor an outer parameter to differentiate; else the embedding's gradient passes through
+    both nodes' residual adds."""
     import importlib
 
     inner = importlib.import_module("genomamba_kernels.bimamba_inner")   # the package exports the function
@@ -314,11 +317,13 @@ def test_checkpointed_layers_skip_the_second_scan_forward(monkeypatch):
         monkeypatch.setenv("GENOMAMBA_CHECKPOINT", mode)
         torch.manual_seed(0)
         m = BiMambaModel(BiMambaConfig(d_model=8, n_layer=2, d_state=4, gradient_checkpointing=ckpt)).train()
-        for p in (m.embedding.weight, m.layers[0].norm.weight, m.layers[0].mixer.mixer.in_proj.weight):
-            p.requires_grad_(False)
+        if frozen_start:
+            for p in (m.embedding.weight, m.layers[0].norm.weight, m.layers[0].mixer.mixer.in_proj.weight):
+                p.requires_grad_(False)
         h = m(x, mask)
         names = _graph_names(h)
-        assert any("CheckpointedMix" in n for n in names) == (name == "rebuild")
+        assert any("CheckpointedLayer" in n for n in names) == (name == "rebuild")
+        assert not (name == "rebuild" and any("AddBackward" in n for n in names))   # the adds are inside
         scans.clear()
         (h * weight).sum().backward()
         assert len(scans) == {"plain": 0, "rebuild": 0, "torch": 4}[name]   # 2 layers x 2 directions
@@ -333,6 +338,7 @@ def test_checkpointed_layers_skip_the_second_scan_forward(monkeypatch):
     assert g_plain["layers.0.mixer.mixer.out_proj.weight"].abs().max() > 0
     assert g_plain["layers.1.mixer.mixer.rev.A_log"].abs().max() > 0
     assert g_plain["layers.1.mixer.mixer.in_proj.weight"].abs().max() > 0
+    assert frozen_start or g_plain["embedding.weight"].abs().max() > 0
 
 
 def test_joint_mixer_without_gradients_builds_no_node(monkeypatch):
