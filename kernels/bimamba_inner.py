@@ -5,6 +5,8 @@ mamba_ssm's `mamba_inner_fn` for one direction.
 xz (batch, 2*d_inner, L) = [x; z] -> y (batch, d_inner, L): per direction, causal (reverse:
 anti-causal) conv1d + SiLU, x_proj, dt_proj, selective scan gated by silu(z); the reverse scan
 adds the forward one's output (out_add). Same values as the separate ops, one autograd node.
+dt_proj's bias and softplus are applied in its own kernel (dt_proj_softplus), not in the scans',
+and its two gradients come from one read of the scan's dt gradient (projections.py).
 
 Why: run as separate autograd nodes, the two directions' gradients meet in elementwise additions
 (four per layer: z's, the conv input's, and each direction's conv output, read by both the scan
@@ -12,7 +14,7 @@ and x_proj) and the split of xz concatenates its two gradients. Here the backwar
 place: both scans write dz into the z half of one dxz buffer (the second adds to what the first
 wrote, inside the kernel), one conv backward computes both directions' shares of dx from one read
 of x and writes their sum into its x half, and x_proj's input gradient is added to the scan's du
-by the GEMM (beta = 1). The forward computes both convs from one read of x too.
+by its kernel (add_projection_). The forward computes both convs from one read of x too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .causal_conv1d import _conv_fwd, conv_bwd
+from .projections import add_projection_, dt_proj_backward, dt_proj_softplus
 from .selective_scan import _tile_config, selective_scan_triton_bwd, selective_scan_triton_fwd
 
 # One direction's parameters, in this order: conv weight (d_inner, W), conv bias (d_inner,),
@@ -74,12 +77,12 @@ def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_b
     wx, wdt = wx.to(xc.dtype), wdt.to(xc.dtype)                       # cast once, kept for the backward
     xdbl = _project(wx, xc)                                           # (batch, R + 2N, L)
     dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
-    dt = _project(wdt, dtl)                                           # (batch, d_inner, L)
+    dt = dt_proj_softplus(wdt, dtl, bdt, backend="triton")            # (batch, d_inner, L), softplus'd
     A = _decays(A_log)
     tiles = None
     if scan:
         y, _, tiles, _ = selective_scan_triton_fwd(
-            xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx,
+            xc, dt, A, B, C, D.float(), z, None, False, None, reverse, seq_idx,
             save_tile_states=save_tiles, out_add=y_add, keep_chunk_states=keep_chunks)
     else:
         y = None
@@ -129,19 +132,17 @@ def _inner_backward(xz, seq_idx, saved, params, dy, y_sink=None):
         cw, cb, wx, wdt, bdt, A_log, D = params[i * N_DIRECTION_PARAMS:(i + 1) * N_DIRECTION_PARAMS]
         nstate, rank = A_log.shape[1], wdt.shape[1]
         dtl, B, C = torch.split(xdbl, [rank, nstate, nstate], dim=1)
-        du, ddt, dA, dB, dC, dD, _, ddb, _ = selective_scan_triton_bwd(
-            dy, None, xc, dt, A, B, C, D.float(), z, bdt.float(), True, None, reverse, seq_idx, tiles,
+        du, ddt, dA, dB, dC, dD, _, ddb, _ = selective_scan_triton_bwd(   # ddt, ddb: dt_proj's raw output's
+            dy, None, xc, dt, A, B, C, D.float(), z, None, False, None, reverse, seq_idx, tiles,
             _tile_config(nstate, xc.device), dz_out=dz, dz_accumulate=second,
-            y_out=dxi if y_sink is not None else None)
+            y_out=dxi if y_sink is not None else None, delta_pre_softplus=True)
         del tiles, dt
-        ddtl = _project(wdt_c.t(), ddt)                               # dt_proj's input gradient
-        dwdt = weight_grad(ddt, dtl.transpose(1, 2))
+        ddtl, dwdt = dt_proj_backward(ddt, dtl, wdt_c, backend="triton")   # one read of ddt
         del ddt
         dxdbl = torch.cat([ddtl, dB.to(du.dtype), dC.to(du.dtype)], dim=1)   # (batch, R + 2N, L)
         del ddtl, dB, dC
         dwx = weight_grad(dxdbl, xc.transpose(1, 2))
-        wx_t = wx_c.to(du.dtype).t().unsqueeze(0).expand(du.shape[0], -1, -1)
-        du.baddbmm_(wx_t, dxdbl)                                      # + x_proj's input gradient
+        add_projection_(du, wx_c.to(du.dtype).t(), dxdbl, backend="triton")   # + x_proj's input gradient
         del dxdbl, xc
         dus[i] = du                                                   # the conv output's gradient
         del du

@@ -23,6 +23,7 @@ import tempfile
 # name: (kernel, warps, constexprs; T is the time steps per loop iteration). Default GPU tiles (_tile_config),
 # bf16 inputs, z, D, delta_bias and softplus, as in the benchmark.
 _FLAGS = dict(HAS_DB=True, SOFTPLUS=True, HAS_SEQ=False, REVERSE=False, FAST=True)
+_PRE = dict(_FLAGS, HAS_DB=False, SOFTPLUS=False)
 KERNELS = {
     "fwd": ("_fwd_kernel", 4, dict(BD=128, BN=16, T=8, HAS_D=True, HAS_Z=True, HAS_HCHUNK=True,
                                    SAVE_TILES=False, HAS_ADD=False, **_FLAGS)),
@@ -34,24 +35,34 @@ KERNELS = {
     "adjoint": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, **_FLAGS)),
     "bwd": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
                                    RELOAD_BC=1, DZ_ACC=False, PART_ROWS=64, HSEG=False, Y_OUT=False,
-                                   **_FLAGS)),
+                                   DT_PRE=False, **_FLAGS)),
     # A checkpointed layer's backward (bimamba_inner_backward_rebuilt): rebuilt tile states made
     # whole by _segment_fixup_kernel, the gated output written, the second direction adding dz and y.
     "bwd_y": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
-                                     RELOAD_BC=1, DZ_ACC=True, PART_ROWS=64, HSEG=False, Y_OUT=True, **_FLAGS)),
+                                     RELOAD_BC=1, DZ_ACC=True, PART_ROWS=64, HSEG=False, Y_OUT=True, DT_PRE=False,
+                                     **_FLAGS)),
+    # The same with dt made outside the scan (bimamba_inner: dt_proj_softplus), as the model runs
+    # it: no softplus in the scan kernels; the backward turns ddelta into raw's gradient.
+    "bwd_pre": ("_bwd_kernel", 1, dict(BD=8, BN=16, T=8, HAS_D=True, HAS_Z=True, ATOMIC_BC=False, LANE_RS=1,
+                                       RELOAD_BC=1, DZ_ACC=True, PART_ROWS=64, HSEG=False, Y_OUT=True, DT_PRE=True,
+                                       **_PRE)),
+    "chunk_pre": ("_chunk_state_kernel", 4, dict(BD=128, BN=16, T=8, PER_TILE=False, H_IN=False, **_PRE)),
+    "fwd_pre": ("_fwd_kernel", 4, dict(BD=128, BN=16, T=8, HAS_D=True, HAS_Z=True, HAS_HCHUNK=True,
+                                       SAVE_TILES=False, HAS_ADD=False, **_PRE)),
+    "adjoint_pre": ("_adjoint_tile_kernel", 4, dict(BD=128, BN=16, T=8, HAS_Z=True, **_PRE)),
     # The passing over chunks / segments as launched at D = 512, batch 1 (its "step" is one row
     # of the BC / warps each warp holds).
     "pass": ("_state_passing_kernel", 4, dict(BC=128, BD=32, HAS_H0=False, HAS_SEQ=False, REVERSE=True)),
 }
 # Launch options other than num_warps, as _tile_config's defaults give them (register caps).
-OPTIONS = {"chunk": dict(maxnreg=128)}
+OPTIONS = {"chunk": dict(maxnreg=128), "chunk_pre": dict(maxnreg=128)}
 # Strides that are 1 in a real launch (Triton then compiles them as the constant 1).
 _UNIT = {"s_hc_d", "s_do_l"}
 _HALF = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "add_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
          "dz_ptr", "y_ptr"}
 # Per-tile state buffers that are bf16 with bf16 inputs at tile_bf16 = 1, the GPU default.
 _TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}, "bwd_y": {"Htile_ptr", "Rtile_ptr"},
-              "adjoint": {"R_ptr"}}
+              "bwd_pre": {"Htile_ptr", "Rtile_ptr"}, "adjoint": {"R_ptr"}, "adjoint_pre": {"R_ptr"}}
 
 
 def compile_sm90(name: str):

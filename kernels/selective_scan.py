@@ -365,7 +365,7 @@ def _tile_states_from_chunks(u, delta, A_nd, Bg, db, seq, chunks: ChunkStates, H
 
 def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               initial_state, reverse, seq_idx, tiles, cfg, nsplit=None, dz_out=None,
-                              dz_accumulate=False, y_out=None):
+                              dz_accumulate=False, y_out=None, delta_pre_softplus=False):
     """Backward on Triton from the saved tile-entry states. Returns the input gradients.
 
     dz_out (like z, last dim contiguous): where dz is written (else a new tensor); with
@@ -373,7 +373,12 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     y_out (like z, last dim contiguous; needs z): the forward's gated output is written there too
     (added to what it holds with dz_accumulate), from the states the backward recomputes anyway.
     tiles: the forward's kept tile states; or an empty tensor (the forward kept none: they are
-    rebuilt per segment); or the forward's ChunkStates (rebuilt from them in one pass)."""
+    rebuilt per segment); or the forward's ChunkStates (rebuilt from them in one pass).
+    delta_pre_softplus (delta_bias None, delta_softplus False): delta is softplus(raw + bias)
+    computed outside (dt_proj_softplus); the returned ddelta is raw's gradient and the ddb slot
+    holds the bias's."""
+    if delta_pre_softplus and (delta_bias is not None or delta_softplus):
+        raise ValueError("delta_pre_softplus: delta already holds softplus(raw + bias)")
     from_chunks = isinstance(tiles, ChunkStates)
     u, delta, z = _last_contig(u), _last_contig(delta), _last_contig(z)  # dout: any strides
     Bg, Cg = _as_groups(B), _as_groups(C)
@@ -459,11 +464,12 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
     part_rows = 0 if torch.are_deterministic_algorithms_enabled() else min(int(cfg.get("part_rows", 0)), parts)
     if part_rows:
         # One zeroed buffer, one sum: each row holds dA's partials, then dD's, then d(delta_bias)'s.
-        n_cols = nstate + (Dv is not None) + (db is not None)
+        has_ddb = db is not None or delta_pre_softplus
+        n_cols = nstate + (Dv is not None) + has_ddb
         parts_buf = torch.zeros(part_rows, n_cols * dim, device=dev, dtype=torch.float32)
         dA_part = parts_buf[:, :nstate * dim].unflatten(1, (nstate, dim))
         dD_part = parts_buf[:, nstate * dim:(nstate + 1) * dim] if Dv is not None else None
-        ddb_part = parts_buf[:, (n_cols - 1) * dim:] if db is not None else None
+        ddb_part = parts_buf[:, (n_cols - 1) * dim:] if has_ddb else None
     else:
         # dA's per-tile partials overwrite R when it is fp32: a program reads R for (its tile, a
         # channel block) before it writes the partials of the same (tile, channel block), and no other
@@ -471,7 +477,8 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         dA_part = R.view(parts, nstate, dim) if R.dtype == torch.float32 else \
             torch.empty(parts, nstate, dim, device=dev, dtype=torch.float32)
         dD_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if Dv is not None else None
-        ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) if db is not None else None
+        ddb_part = torch.empty(parts, dim, device=dev, dtype=torch.float32) \
+            if db is not None or delta_pre_softplus else None
     dzz = dz if dz is not None else du
     K._bwd_kernel[(n_tiles, batch, groups * nsplit)](
         u, delta, A_nd, Bg, Cg, Dv if Dv is not None else dummy, zz, db if db is not None else dummy,
@@ -489,14 +496,15 @@ def selective_scan_triton_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, 
         *((y_out.stride(0), y_out.stride(1)) if y_out is not None else (0, 0)),
         BD=BDb, BN=BN, T=T, HAS_D=Dv is not None, HAS_Z=z is not None, ATOMIC_BC=atomic_bc,
         LANE_RS=_lane_rs_mode(cfg, T, BDb, dev), RELOAD_BC=bool(cfg.get("reload_bc")), DZ_ACC=bool(dz_accumulate),
-        PART_ROWS=part_rows, HSEG=per_segment and not fixup, Y_OUT=y_out is not None, num_warps=cfg["warps_bwd"],
+        PART_ROWS=part_rows, HSEG=per_segment and not fixup, Y_OUT=y_out is not None,
+        DT_PRE=bool(delta_pre_softplus), num_warps=cfg["warps_bwd"],
         **flags,
         **_reg_cap(cfg.get("maxnreg_bwd", 0), dev))
     if part_rows:
         sums = parts_buf.sum(0)
         dA = sums[:nstate * dim].view(nstate, dim).t()
         dD = sums[nstate * dim:(nstate + 1) * dim] if Dv is not None else None
-        ddb = sums[(n_cols - 1) * dim:] if db is not None else None
+        ddb = sums[(n_cols - 1) * dim:] if has_ddb else None
     else:
         dA = dA_part.sum(0).t()
         dD = dD_part.sum(0) if dD_part is not None else None
