@@ -214,18 +214,22 @@ _BWD_BL, _BWD_WARPS, _BWD_MAX_CHANNELS = 64, 8, 1024
 def dt_proj_backward(g: torch.Tensor, dt_low: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None):
     """dt_proj's gradients from g (batch, D, L), the gradient of its output: (weight^T @ g in g's
     dtype, (batch, R, L); sum over the batch of g @ dt_low^T in float32, (D, R)). One read of g;
-    above 1,024 channels, or on the PyTorch path, the two products as separate GEMMs."""
+    above 1,024 channels, for float32 on a GPU, or on the PyTorch path, the two products as
+    separate GEMMs."""
     _check(weight, dt_low, "dt_proj_backward")
     D, R = weight.shape
     if g.shape != (dt_low.shape[0], D, dt_low.shape[2]):
         raise ValueError(f"dt_proj_backward: g {tuple(g.shape)} must be (batch, {D}, L)")
-    if resolve_backend(backend, g) == "torch" or D > _BWD_MAX_CHANNELS or R > 64:
+    if resolve_backend(backend, g) == "torch" or D > _BWD_MAX_CHANNELS or R > 64 or \
+            (g.is_cuda and g.dtype == torch.float32):   # float32: the pipelined blocks overflow shared memory
         return dt_proj_backward_ref(g, dt_low, weight)
     g, x = _last_contiguous(g), _last_contiguous(dt_low)
     w = _last_contiguous(weight)
     batch, _, L = g.shape
     bd, br = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(R))
-    bl = _BWD_BL if g.is_cuda else 16
+    # g's block is a tl.dot operand in shared memory, kept per pipeline stage: at most 64 KiB of it
+    # (bf16: 64 positions at 512 channels, 32 at 1,024)
+    bl = max(16, min(_BWD_BL, 65536 // (bd * g.element_size()))) if g.is_cuda else 16
     n_blocks = triton.cdiv(L, bl)
     target = 4 * torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 4
     per = triton.cdiv(n_blocks, max(1, min(n_blocks, triton.cdiv(target, batch))))
