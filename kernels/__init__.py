@@ -1,5 +1,6 @@
-"""genomamba_kernels: fused selective scan, causal conv1d, residual add + RMSNorm and the
-bidirectional mixer core (bimamba_inner) in Triton, with PyTorch references.
+"""genomamba_kernels: fused selective scan, causal conv1d, residual add + RMSNorm, the
+bidirectional mixer core (bimamba_inner) and the low-rank projections around its scans
+(`genomamba_kernels.projections`) in Triton, with PyTorch references.
 
 Installed from the repository folder `kernels/` under the import name `genomamba_kernels` (a
 top-level `kernels` module belongs to another package). It imports nothing from `genomamba`.

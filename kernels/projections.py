@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .selective_scan import resolve_backend
+from .selective_scan import _interpreting, _last_contig, resolve_backend
 from .selective_scan_triton import _exp2, _log2
 
 
@@ -128,10 +128,6 @@ def _dt_proj_bwd_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, D, R, L, BLOCKS_PER
     tl.store(dw_ptr + row * BD * BR + offs_d[:, None] * BR + offs_r[None, :], dw)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or not x.is_cuda
 
@@ -169,10 +165,6 @@ def _check(weight, x, what):
                          f"(D, R) @ (batch, R, L)")
 
 
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def dt_proj_softplus(weight: torch.Tensor, dt_low: torch.Tensor, bias: torch.Tensor, *,
                      backend: str | None = None) -> torch.Tensor:
     """softplus(weight @ dt_low + bias): weight (D, R), dt_low (batch, R, L) with L contiguous
@@ -184,7 +176,7 @@ def dt_proj_softplus(weight: torch.Tensor, dt_low: torch.Tensor, bias: torch.Ten
         raise ValueError(f"dt_proj_softplus: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}")
     if resolve_backend(backend, dt_low) == "torch":
         return dt_proj_softplus_ref(weight, dt_low, bias)
-    x = _last_contiguous(dt_low)
+    x = _last_contig(dt_low)
     out = torch.empty(x.shape[0], weight.shape[0], x.shape[2], device=x.device, dtype=x.dtype)
     _launch_project(weight, x, out, bias)
     return out
@@ -201,7 +193,7 @@ def add_projection_(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *,
     if resolve_backend(backend, x) == "torch":
         out.copy_((out.float() + torch.matmul(weight.float(), x.float())).to(out.dtype))
         return out
-    _launch_project(weight, _last_contiguous(x), out, None)
+    _launch_project(weight, _last_contig(x), out, None)
     return out
 
 
@@ -223,8 +215,8 @@ def dt_proj_backward(g: torch.Tensor, dt_low: torch.Tensor, weight: torch.Tensor
     if resolve_backend(backend, g) == "torch" or D > _BWD_MAX_CHANNELS or R > 64 or \
             (g.is_cuda and g.dtype == torch.float32):   # float32: the pipelined blocks overflow shared memory
         return dt_proj_backward_ref(g, dt_low, weight)
-    g, x = _last_contiguous(g), _last_contiguous(dt_low)
-    w = _last_contiguous(weight)
+    g, x = _last_contig(g), _last_contig(dt_low)
+    w = _last_contig(weight)
     batch, _, L = g.shape
     bd, br = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(R))
     # g's block is a tl.dot operand in shared memory, kept per pipeline stage: at most 64 KiB of it
