@@ -71,6 +71,25 @@ def test_add_projection_adds_in_place(dtype):
         add_projection_(buf[:, :10], w.t(), x, backend="triton")
 
 
+def test_projection_kernels_with_the_gpu_blocks(monkeypatch):
+    """The GPU's program shape (64 channels x 128 positions) over channel and position counts that
+    leave partial blocks on both axes: masked loads, masked stores, nothing written outside."""
+    from genomamba_kernels import projections
+
+    monkeypatch.setenv("GENOMAMBA_PROJ_BLOCKS", ",".join(map(str, projections._GPU_BLOCKS)))
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    w = torch.randn(70, 16, generator=g) * 0.25
+    x = torch.randn(1, 16, 300, generator=g)
+    bias = torch.linspace(-9.0, 3.0, 70)
+    dt = dt_proj_softplus(w, x, bias, backend="triton")
+    assert rel_max(dt, dt_proj_softplus_ref(w.double(), x.double(), bias.double())) < 1e-5
+    buf = torch.randn(1, 80, 300, generator=g)
+    before = buf.clone()
+    add_projection_(buf[:, :70], w, x, backend="triton")
+    assert rel(buf[:, :70], before[:, :70].double() + torch.matmul(w.double(), x.double())) < 1e-6
+    assert torch.equal(buf[:, 70:], before[:, 70:])
+
+
 def test_dt_proj_softplus_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not make"):
         dt_proj_softplus(torch.randn(8, 4), torch.randn(1, 5, 10), torch.randn(8), backend="triton")
