@@ -23,7 +23,7 @@ import torch
 
 from .causal_conv1d import _conv_fwd, conv_bwd
 from .projections import add_projection_, dt_proj_backward, dt_proj_softplus
-from .selective_scan import _tile_config, selective_scan_triton_bwd, selective_scan_triton_fwd
+from .selective_scan import ChunkStates, _tile_config, selective_scan_triton_bwd, selective_scan_triton_fwd
 
 # One direction's parameters, in this order: conv weight (d_inner, W), conv bias (d_inner,),
 # x_proj weight (dt_rank + 2N, d_inner), dt_proj weight (d_inner, dt_rank), dt_proj bias (d_inner,),
@@ -71,7 +71,9 @@ def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_b
     """One direction after its conv: x_proj, dt_proj, the scan (adding y_add inside it). Returns y
     and, when for_backward, what the backward needs (its locals are freed on return otherwise).
     scan=False: only what the backward needs (y is None, no tile states kept). keep_chunks
-    (without for_backward): y and [the scan's ChunkStates]."""
+    (without for_backward): y and [the scan's ChunkStates]. With for_backward but not save_tiles
+    (the backward rebuilds the tile states), the scan's ChunkStates take the tile states' place:
+    the rebuild is then one pass from them rather than per segment."""
     cw, cb, wx, wdt, bdt, A_log, D = params
     nstate, rank = A_log.shape[1], wdt.shape[1]
     wx, wdt = wx.to(xc.dtype), wdt.to(xc.dtype)                       # cast once, kept for the backward
@@ -83,7 +85,8 @@ def _direction_forward(xc, z, seq_idx, params, reverse, save_tiles, y_add, for_b
     if scan:
         y, _, tiles, _ = selective_scan_triton_fwd(
             xc, dt, A, B, C, D.float(), z, None, False, None, reverse, seq_idx,
-            save_tile_states=save_tiles, out_add=y_add, keep_chunk_states=keep_chunks)
+            save_tile_states=save_tiles, out_add=y_add,
+            keep_chunk_states=keep_chunks or (for_backward and not save_tiles))
     else:
         y = None
     if not for_backward:
@@ -165,6 +168,13 @@ class _BiMambaInner(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, seq_idx, recompute_fwd, recompute_rev, *params):
         y, saved = _inner_forward(xz, seq_idx, recompute_fwd, recompute_rev, params, True)
+        # A recomputing direction keeps its scan's ChunkStates (~9 MiB at 1 Mb) where the other
+        # keeps tile states: saved as their tensor, the chunk length aside
+        ctx.chunk_tiles = [None, None]
+        for i in (0, 1):
+            kept = saved[_SAVED * i + 3]
+            if isinstance(kept, ChunkStates):
+                ctx.chunk_tiles[i], saved[_SAVED * i + 3] = kept.chunk_tiles, kept.states
         ctx.save_for_backward(xz, seq_idx, *saved, *params)
         return y
 
@@ -173,6 +183,9 @@ class _BiMambaInner(torch.autograd.Function):
         xz, seq_idx, *rest = ctx.saved_tensors
         saved, params = rest[:2 * _SAVED], rest[2 * _SAVED:]
         del rest
+        for i, chunk_tiles in enumerate(ctx.chunk_tiles):
+            if chunk_tiles is not None:
+                saved[_SAVED * i + 3] = ChunkStates(saved[_SAVED * i + 3], chunk_tiles)
         dxz, grads = _inner_backward(xz, seq_idx, saved, params, dy)
         return (dxz, None, None, None, *grads)
 
@@ -215,8 +228,9 @@ def bimamba_inner(xz: torch.Tensor, fwd_params, rev_params, seq_idx: torch.Tenso
 
     fwd_params / rev_params: each direction's 7 tensors (conv weight, conv bias, x_proj weight,
     dt_proj weight, dt_proj bias, A_log, D), parameters of the module that owns them. Softplus on
-    dt as in Mamba. recompute_*: that direction's scan keeps no per-tile states for the backward
-    (see `selective_scan(recompute_states=)`). Triton only (CUDA tensors, or TRITON_INTERPRET=1).
+    dt as in Mamba. recompute_*: that direction's scan keeps only the state entering each of its
+    chunks (a few MiB), from which its backward rebuilds the per-tile states in one pass (see
+    `selective_scan(recompute_states=)`). Triton only (CUDA tensors, or TRITON_INTERPRET=1).
     """
     if len(fwd_params) != N_DIRECTION_PARAMS or len(rev_params) != N_DIRECTION_PARAMS:
         raise ValueError(f"each direction takes {N_DIRECTION_PARAMS} parameters")

@@ -292,6 +292,46 @@ def test_joint_mixer_backward_equals_separate_nodes(monkeypatch, ckpt):
     assert g_mod["layers.0.mixer.mixer.rev.A_log"].abs().max() > 0  # the comparison is not of zeros
 
 
+def test_joint_mixer_rebuilds_recomputed_states_from_chunk_states(monkeypatch):
+    """bimamba_inner with recompute_fwd / recompute_rev (torch.utils.checkpoint's layers): a
+    recomputing direction keeps its scan's chunk states, and its backward rebuilds the tile states
+    from them in one pass (never per segment), with the gradients of keeping the tile states;
+    padded (seq_idx). (Several chunks: test_backward_rebuilds_tile_states_from_the_forward_chunk_states.)"""
+    import importlib
+
+    from genomamba_kernels.bimamba_inner import bimamba_inner
+
+    scan_mod = importlib.import_module("genomamba_kernels.selective_scan")   # the package exports the function
+
+    monkeypatch.setenv("GENOMAMBA_SCAN_BACKEND", "triton")
+    calls = []
+    for name in ("_tile_states_from_chunks", "_tile_entry_states"):
+        real = getattr(scan_mod, name)
+        monkeypatch.setattr(scan_mod, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    torch.manual_seed(0)
+    mixer = BiMambaModel(BiMambaConfig(d_model=8, n_layer=1, d_state=4)).layers[0].mixer.mixer
+    xz = torch.randn(1, 32, 45)
+    seq = torch.zeros(1, 45, dtype=torch.int32)
+    seq[0, 33:] = 1
+    dy = torch.randn(1, 16, 45)
+    params = list(mixer.fwd.inner_params()) + list(mixer.rev.inner_params())
+    results = {}
+    for recompute in ((False, False), (True, False), (True, True)):
+        x = xz.clone().requires_grad_()
+        calls.clear()
+        y = bimamba_inner(x, mixer.fwd.inner_params(), mixer.rev.inner_params(), seq, *recompute)
+        grads = torch.autograd.grad(y, [x, *params], dy)
+        assert calls == ["_tile_states_from_chunks"] * sum(recompute)
+        results[recompute] = (y.detach(), grads)
+    y0, g0 = results[(False, False)]
+    for key in ((True, False), (True, True)):
+        y, g = results[key]
+        assert torch.equal(y, y0)
+        for a, b in zip(g, g0):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), key
+    assert g0[0].abs().max() > 0 and g0[6].abs().max() > 0   # xz and the forward direction's A_log
+
+
 @pytest.mark.parametrize("frozen_start", [True, False])
 def test_checkpointed_layers_skip_the_second_scan_forward(monkeypatch, frozen_start):
     """Triton path (interpreter), checkpointing: each tied bidirectional layer, its residual add
