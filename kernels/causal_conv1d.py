@@ -301,9 +301,11 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
         _add_weight_grads(dw2_ptr, db2_ptr, r_g, r_0, r_1, r_2, r_3, offs_d, mask_d, W, HAS_BIAS)
 
 
-# (channels, time steps, warps) per program on a GPU, forward and backward (H100 sweep, 2026-11-24:
-# kernels/BENCHMARKS.md). Few channels per program keep the backward's per-element sums in registers.
-_GPU_BLOCKS = {"forward": (2, 512, 4), "backward": (1, 256, 2)}
+# (channels, time steps, warps) per program on a GPU, forward and backward (H100 sweeps, 2026-11-24,
+# fourteenth and seventeenth sessions: kernels/BENCHMARKS.md). Few channels per program keep the
+# backward's per-element sums in registers; one channel over 2,048 steps made the two-direction
+# forward 8-15% faster than 2 x 512 at batch 1 and at (8, 1536, 2048).
+_GPU_BLOCKS = {"forward": (1, 2048, 4), "backward": (1, 256, 2)}
 
 
 def _blocks(x, backward: bool = False):
@@ -327,10 +329,12 @@ def _blocks(x, backward: bool = False):
 
 def _grad_tiles_per_program(x, n_rows, n_tiles):
     """Time tiles walked by one program of the backward: enough programs to fill the GPU (~8 per
-    SM) and as few atomic additions of dw / dbias as that allows. 2 on the CPU (tests cover the loop)."""
+    SM) and as few atomic additions of dw / dbias as that allows, up to 32 (16 was 3-6% slower at
+    batch 1) and never more than the row has (the loop would run masked). 2 on the CPU (tests
+    cover the loop)."""
     if x.device.type != "cuda":
         return 2
-    return max(1, min(16, n_tiles * n_rows // _target_programs(x.device)))
+    return max(1, min(32, n_tiles, n_tiles * n_rows // _target_programs(x.device)))
 
 
 def _launch_args(x, weight, bias, seq_idx, backward=False):
