@@ -97,8 +97,8 @@ class _CheckpointedLayer(torch.autograd.Function):
         normed, rows, rstd = add_rms_norm_forward(summed, None, norm.weight, rms_norm_eps(norm, summed.dtype),
                                                   dtype if enabled else summed.dtype, summed.dtype)
         normed = normed.view(summed.shape)
-        w_in = mixer.in_proj.weight.to(normed.dtype).unsqueeze(0).expand(normed.shape[0], -1, -1)
-        xz = torch.bmm(w_in, normed.transpose(1, 2))                     # (batch, 2*d_inner, L)
+        w_in = mixer.in_proj.weight.to(normed.dtype)
+        xz = project_channels_first(w_in, normed.transpose(1, 2))       # (batch, 2*d_inner, L)
         w_out = mixer.out_proj.weight
         dout_cf = dout.transpose(1, 2)                                  # (batch, d_model, L)
         dy = project_channels_first(w_out.t().to(dout.dtype), dout_cf)  # out_proj's input gradient
@@ -116,7 +116,7 @@ class _CheckpointedLayer(torch.autograd.Function):
             grads[id(mixer.in_proj.weight)] = weight_grad(dxz, normed).to(mixer.in_proj.weight.dtype)
         dhidden = dresidual = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or norm.weight.requires_grad:
-            dnormed = torch.bmm(dxz.transpose(1, 2), w_in)              # (batch, L, d_model)
+            dnormed = torch.bmm(dxz.transpose(1, 2), w_in.expand(dxz.shape[0], -1, -1))   # (batch, L, d_model)
             del dxz
             dx, dres, dw = add_rms_norm_backward(dnormed, dsummed, rows, norm.weight, rstd, ctx.hidden_dtype,
                                                  ctx.residual_dtype)
