@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import os
 import re
 import subprocess
@@ -65,6 +66,16 @@ _TILE_BF16 = {"fwd_train": {"Htile_ptr"}, "bwd": {"Htile_ptr", "Rtile_ptr"}, "bw
               "bwd_pre": {"Htile_ptr", "Rtile_ptr"}, "adjoint": {"R_ptr"}, "adjoint_pre": {"R_ptr"}}
 
 
+def compile_constants(fn, consts: dict) -> dict:
+    """The constexpr values a compile of jitted kernel `fn` gets: the entry's, the unit strides,
+    and the defaults of parameters the entry leaves out (a constexpr flag left out would otherwise
+    be compiled as a runtime i32 argument, every branch it selects kept, and the report would
+    describe a kernel no launch runs)."""
+    defaults = {p.name: p.default for p in inspect.signature(fn.fn).parameters.values()
+                if p.default is not inspect.Parameter.empty}
+    return dict(defaults, **consts, **{s: 1 for s in _UNIT if s in fn.arg_names})
+
+
 def compile_sm90(name: str):
     """The Triton CompiledKernel of KERNELS[name] for sm_90 (CUDA not needed)."""
     import triton
@@ -75,7 +86,7 @@ def compile_sm90(name: str):
 
     kname, warps, consts = KERNELS[name]
     fn = getattr(K, kname)
-    consts = dict(consts, **{s: 1 for s in _UNIT if s in fn.arg_names})
+    consts = compile_constants(fn, consts)
     sig, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in consts:

@@ -570,6 +570,18 @@ print(json.dumps({k: {f: r[f] for f in ("registers", "barriers", "stack_bytes", 
 """
 
 
+def test_sass_report_compiles_left_out_flags_at_their_defaults():
+    """A constexpr flag with a default that a sass_report entry does not list (H_IN of the
+    chunk-state kernel here) is compiled at its default, not as a runtime argument with both of
+    its branches kept; what an entry lists wins."""
+    from genomamba_kernels.sass_report import compile_constants
+
+    fn = sys.modules["genomamba_kernels.selective_scan_triton"]._chunk_state_kernel
+    consts = compile_constants(fn, dict(T=8, PER_TILE=True))
+    assert consts["H_IN"] is False and consts["T"] == 8 and consts["PER_TILE"] is True
+    assert compile_constants(fn, dict(H_IN=True))["H_IN"] is True
+
+
 def test_inference_forward_keeps_its_state_in_the_compute_layout():
     """The inference forward's output pass (with and without the other direction's output added)
     compiled for sm_90 with the installed Triton (no GPU; outside the interpreter): its tile loop
