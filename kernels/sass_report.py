@@ -73,7 +73,7 @@ def compile_constants(fn, consts: dict) -> dict:
     describe a kernel no launch runs)."""
     defaults = {p.name: p.default for p in inspect.signature(fn.fn).parameters.values()
                 if p.default is not inspect.Parameter.empty}
-    return dict(defaults, **consts, **{s: 1 for s in _UNIT if s in fn.arg_names})
+    return {**defaults, **consts, **{s: 1 for s in _UNIT if s in fn.arg_names}}
 
 
 def compile_sm90(name: str):
